@@ -1,0 +1,118 @@
+"""Message schemas on the wire: trades and dead letters.
+
+Values on Kafka are compact JSON. Prices and sizes travel as the exact decimal strings the
+exchange sent (never floats); times are epoch milliseconds, UTC. Decoding goes through typed
+msgspec decoders, which validate while they parse: a value that does not fit raises
+``msgspec.ValidationError`` with the path of the bad field.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "MAX_TS_MS",
+    "MIN_TS_MS",
+    "DeadLetter",
+    "Origin",
+    "Side",
+    "Trade",
+    "decode_dead_letter",
+    "decode_trade",
+    "encode",
+]
+
+#: 2010-01-01T00:00:00Z: nothing we ingest is older (OKX opened in 2013).
+MIN_TS_MS = 1_262_304_000_000
+#: 2100-01-01T00:00:00Z: anything later is a unit mistake (µs or ns instead of ms).
+MAX_TS_MS = 4_102_444_800_000
+
+Side = Literal["buy", "sell"]
+Origin = Literal["ws", "rest", "replay", "sim"]
+
+# A positive decimal written in plain notation ("42219.9", "0.00000123"), at least one non-zero
+# digit, no sign, no exponent, bounded length.
+_POSITIVE_DECIMAL = r"^(?=[0-9.]{1,40}$)(?=.*[1-9])[0-9]+(?:\.[0-9]+)?$"
+PositiveDecimalStr = Annotated[str, msgspec.Meta(pattern=_POSITIVE_DECIMAL)]
+InstId = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{1,20}(?:-[A-Z0-9]{1,20}){1,4}$")]
+EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
+
+
+class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One exchange trade (or one aggregated push of ``count`` fills at one price).
+
+    ``trade_id`` is the exchange's id as an integer (OKX sends digits in a string; for an
+    aggregated push it is the LAST id of the fills). Event order is ``(ts, trade_id)``.
+    """
+
+    inst_id: InstId
+    trade_id: Annotated[int, msgspec.Meta(ge=0)]
+    px: PositiveDecimalStr
+    sz: PositiveDecimalStr
+    side: Side
+    ts: EpochMs
+    origin: Origin
+    received_at: Annotated[int, msgspec.Meta(ge=0)] = 0
+    count: Annotated[int, msgspec.Meta(ge=1)] = 1
+    source: Annotated[int, msgspec.Meta(ge=0)] = 0
+    seq_id: int | None = None
+
+    @property
+    def price(self) -> Decimal:
+        return Decimal(self.px)
+
+    @property
+    def size(self) -> Decimal:
+        return Decimal(self.sz)
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka message key: the instrument, so one instrument stays on one partition."""
+        return self.inst_id.encode()
+
+
+class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A message that could not be turned into a trade, kept with the reason.
+
+    ``raw`` holds the input exactly when it is UTF-8 text; otherwise ``raw_b64`` holds the bytes
+    in base64. ``where`` says where it came from (``okx.ws``, ``replay:FILE:LINE``, a topic and
+    offset, ...), ``at`` is when it was dead-lettered (epoch ms).
+    """
+
+    reason: str
+    where: str
+    at: int
+    raw: str | None = None
+    raw_b64: str | None = None
+
+    @classmethod
+    def of(cls, raw: bytes | str, *, reason: str, where: str, at: int) -> DeadLetter:
+        if isinstance(raw, str):
+            return cls(reason=reason, where=where, at=at, raw=raw)
+        try:
+            return cls(reason=reason, where=where, at=at, raw=raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            import base64
+
+            return cls(reason=reason, where=where, at=at, raw_b64=base64.b64encode(raw).decode())
+
+    def raw_bytes(self) -> bytes:
+        if self.raw is not None:
+            return self.raw.encode("utf-8")
+        import base64
+
+        return base64.b64decode(self.raw_b64 or "")
+
+
+_encoder = msgspec.json.Encoder()
+_trade_decoder = msgspec.json.Decoder(Trade)
+_trades_decoder = msgspec.json.Decoder(list[Trade])
+_dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+encode = _encoder.encode
+decode_trade = _trade_decoder.decode
+decode_trades = _trades_decoder.decode
+decode_dead_letter = _dead_letter_decoder.decode

@@ -1,0 +1,36 @@
+"""Fixtures: real services, from the same module the CLI uses (tcp.services).
+
+Whatever TCP_KAFKA_BOOTSTRAP / TCP_POSTGRES_DSN / TCP_REDIS_URL say is used; what is not
+configured is started embedded in a throw-away state directory and stopped at the end.
+Every test gets its own topic prefix, so tests never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tcp import services
+from tcp.config import Settings
+from tcp.topics import ensure_topics
+
+
+@pytest.fixture(scope="session")
+def services_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    home = Path(os.environ.get("TCP_TEST_HOME") or tmp_path_factory.mktemp("tcp-home"))
+    settings = services.ensure(Settings.load(home=home))
+    yield settings
+    services.stop(settings)
+
+
+@pytest.fixture
+def settings(services_settings: Settings) -> Settings:
+    """Settings pointing at the live services, with this test's own topics (created)."""
+    prefix = f"test-{uuid.uuid4().hex[:10]}."
+    result = services_settings.model_copy(update={"topic_prefix": prefix})
+    ensure_topics(result)
+    return result
