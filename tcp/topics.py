@@ -41,7 +41,12 @@ def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS, *, ti
     if not missing:
         return
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication) for name in missing],
+        [
+            NewTopic(
+                name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication
+            )
+            for name in missing
+        ],
         operation_timeout=timeout,
     )
     for name, future in futures.items():

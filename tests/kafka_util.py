@@ -9,7 +9,9 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from tcp.config import Settings
 
 
-def read_topic(settings: Settings, name: str, *, expect: int | None = None, idle_s: float = 1.5, timeout_s: float = 30.0) -> list[Message]:
+def read_topic(
+    settings: Settings, name: str, *, expect: int | None = None, idle_s: float = 1.5, timeout_s: float = 30.0
+) -> list[Message]:
     """All messages of the (prefixed) topic ``name``: until ``expect`` are read, or none came for ``idle_s``."""
     topic = settings.topic(name)
     consumer = Consumer(

@@ -1,0 +1,286 @@
+"""The `tcp` command: one entry point, with subcommands.
+
+    tcp services up|down|status
+    tcp ingest okx | replay FILE [--speed N|max] | simulate [...]
+    tcp dlq [--limit N]
+    tcp demo
+
+The environment is read once, here (``Settings.load``); everything below gets the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tcp import services
+from tcp.config import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("tcp")
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on a terminal
+
+
+class Progress:
+    """Prints one status line: rewritten in place on a terminal, every 10 s into a log file."""
+
+    def __init__(self, label: str, *, stream: TextIO = sys.stderr) -> None:
+        self._label = label
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last_plain = 0.0
+
+    def __call__(self, stats: object) -> None:
+        line = f"{self._label}: {stats.line()}"  # type: ignore[attr-defined]
+        if self._tty:
+            self._stream.write("\r\x1b[2K" + line)
+            self._stream.flush()
+        elif time.monotonic() - self._last_plain >= 10:
+            self._last_plain = time.monotonic()
+            self._stream.write(line + "\n")
+
+    def done(self, stats: object) -> None:
+        if self._tty:
+            self._stream.write("\n")
+        self._stream.write(f"{self._label} done: {stats.line()}\n")  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# services
+
+
+def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "up":
+        ready = services.ensure(settings)
+        print(f"kafka     {ready.kafka_bootstrap}")
+        print(f"postgres  {services.redact(ready.postgres_dsn.get_secret_value())}")
+        print(f"redis     {services.redact(ready.redis_url.get_secret_value())}")
+        print(f"state     {ready.home}")
+        return 0
+    if args.action == "down":
+        stopped = services.stop(settings)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    rows = services.status(settings)
+    print(f"{'service':<10}{'mode':<26}{'up':<5}{'pid':<8}address")
+    for row in rows:
+        print(
+            f"{row.service:<10}{row.mode:<26}{'yes' if row.up else 'no':<5}{row.pid or '-'!s:<8}{row.address}"
+        )
+    return 0 if all(row.up for row in rows) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# ingest
+
+
+def _ingest(settings: Settings, source_factory: Callable[[Settings], object], label: str) -> int:
+    from connectors.ingest import run_ingest
+    from tcp.topics import ensure_topics
+
+    settings = services.ensure(settings, ("kafka",))
+    ensure_topics(settings)
+    source = source_factory(settings)
+    progress = Progress(label)
+    task_stats: list[object] = []
+
+    async def _run() -> None:
+        stats = await run_ingest(source, settings, progress=progress)  # type: ignore[arg-type]
+        task_stats.append(stats)
+
+    try:
+        asyncio.run(_run())
+    except KeyboardInterrupt:
+        print("\ninterrupted: flushed what was produced", file=sys.stderr)
+        return 130
+    if task_stats:
+        progress.done(task_stats[0])
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    if args.source == "okx":
+        from connectors.okx import OkxTradeSource
+
+        instruments = tuple(args.instruments.split(",")) if args.instruments else settings.instruments
+        return _ingest(settings, lambda s: OkxTradeSource.from_settings(s, instruments=instruments), "okx")
+    if args.source == "replay":
+        from connectors.replay import ReplaySource
+
+        speed = None if args.speed == "max" else float(args.speed)
+        return _ingest(settings, lambda s: ReplaySource(Path(args.file), speed=speed), f"replay {args.file}")
+    from connectors.simulate import SimulatedSource
+
+    instruments = tuple(args.instruments.split(",")) if args.instruments else settings.instruments
+    rate = None if args.rate == "max" else float(args.rate)
+    return _ingest(
+        settings,
+        lambda s: SimulatedSource(instruments=instruments, seed=args.seed, trades=args.trades, rate=rate),
+        "simulate",
+    )
+
+
+def _parse_speed(value: str) -> str:
+    if value == "max":
+        return value
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = -1.0
+    if speed <= 0:
+        msg = f"--speed takes a positive number or 'max', not {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# dlq
+
+
+def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from tcp.schemas import decode_dead_letter
+    from tcp.topics import DLQ
+
+    settings = services.ensure(settings, ("kafka",))
+    topic = settings.topic(DLQ)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "tcp-dlq-reader",
+            "enable.auto.commit": False,
+            "fetch.queue.backoff.ms": 10,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            print(f"no topic {topic} yet")
+            return 0
+        consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
+        shown = 0
+        idle_since = time.monotonic()
+        while shown < args.limit and time.monotonic() - idle_since < 2.0:
+            for msg in consumer.consume(500, 0.3):
+                if msg.error() is not None or shown >= args.limit:
+                    continue
+                letter = decode_dead_letter(msg.value() or b"")
+                raw = letter.raw if letter.raw is not None else f"<{len(letter.raw_bytes())} bytes, base64>"
+                print(f"{letter.where}  {letter.reason}\n    {raw[:200]}")
+                shown += 1
+                idle_since = time.monotonic()
+        print(f"{shown} dead letter(s) shown from {topic}")
+    finally:
+        consumer.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from importlib import resources
+
+    from connectors.replay import ReplaySource
+
+    ready = services.ensure(settings)
+    print("TCP Dashboard demo")
+    print(f"  Kafka       {ready.kafka_bootstrap}  (embedded Tansu unless TCP_KAFKA_BOOTSTRAP is set)")
+    print(f"  PostgreSQL  {services.redact(ready.postgres_dsn.get_secret_value())}")
+    print(f"  Redis       {services.redact(ready.redis_url.get_secret_value())}")
+    print(f"  state       {ready.home}")
+    sample = resources.files("tcp") / "data" / "sample-trades.jsonl.gz"
+    with resources.as_file(sample) as path:
+        print(f"\nReplaying the bundled sample {sample.name} into {ready.topic('okx.trades')} ...")
+        code = _ingest(ready, lambda s: ReplaySource(Path(path), speed=None), "replay sample")
+    if code:
+        return code
+    print(
+        "\nWhat you see: every trade of the sample is now on the Kafka topic okx.trades (key = instrument),"
+        "\nanything malformed on okx.trades.dlq with its reason (`tcp dlq`)."
+        "\nNext: `tcp ingest okx` streams live OKX trades; `tcp ingest simulate --rate 200` streams synthetic ones;"
+        "\n`tcp services status` shows the services; `tcp services down` stops the embedded ones."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcp", description="TCP Dashboard: crypto trading research platform"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="start, stop or show the Kafka/PostgreSQL/Redis services")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.set_defaults(func=_cmd_services)
+
+    p = sub.add_parser("ingest", help="bring trades into Kafka (okx.trades)")
+    ingest = p.add_subparsers(dest="source", required=True)
+    q = ingest.add_parser(
+        "okx", help="live trades from the OKX WebSocket, with REST backfill after reconnects"
+    )
+    q.add_argument("--instruments", help="comma-separated instrument ids (default: TCP_INSTRUMENTS)")
+    q = ingest.add_parser(
+        "replay", help="replay OKX WebSocket frames (JSON lines) or an OKX trade CSV export"
+    )
+    q.add_argument("file")
+    q.add_argument(
+        "--speed",
+        type=_parse_speed,
+        default="max",
+        help="1 = real time, 10 = ten times faster, max (default)",
+    )
+    q = ingest.add_parser("simulate", help="generate realistic trades (seeded)")
+    q.add_argument("--instruments", help="comma-separated instrument ids (default: TCP_INSTRUMENTS)")
+    q.add_argument("--seed", type=int, default=42)
+    q.add_argument(
+        "--trades", type=int, default=None, help="stop after this many trades (default: run until Ctrl-C)"
+    )
+    q.add_argument("--rate", default="200", help="trades per second in all, or max (default 200)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("dlq", help="show dead letters (okx.trades.dlq) with their reasons")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_cmd_dlq)
+
+    p = sub.add_parser("demo", help="start what is missing and run the demo end to end")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.load()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else getattr(logging, settings.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, settings))
+    except services.ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
