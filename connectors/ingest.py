@@ -61,20 +61,22 @@ async def run_ingest(
     stats = IngestStats()
     per_instrument = stats.per_instrument
     next_progress = time.monotonic() + progress_every_s
+    produce, is_new = producer.produce, dedupe.add  # bound once: this loop runs per trade
     try:
         async for batch in source.batches():
             for item in batch:
-                if isinstance(item, Trade):
-                    if dedupe.add(item.inst_id, item.trade_id):
-                        producer.produce(trades_topic, encode(item), item.inst_id.encode())
-                        stats.trades += 1
-                        per_instrument[item.inst_id] = per_instrument.get(item.inst_id, 0) + 1
+                if type(item) is Trade:
+                    inst_id = item.inst_id
+                    if is_new(inst_id, item.trade_id):
+                        produce(trades_topic, encode(item), inst_id.encode())
+                        per_instrument[inst_id] = per_instrument.get(inst_id, 0) + 1
                     else:
                         stats.duplicates += 1
                 elif isinstance(item, DeadLetter):
-                    producer.produce(dlq_topic, encode(item))
+                    produce(dlq_topic, encode(item))
                     stats.dead_letters += 1
                     log.debug("dead letter from %s: %s", item.where, item.reason)
+            stats.trades = sum(per_instrument.values())
             producer.poll(0)
             if progress is not None and time.monotonic() >= next_progress:
                 progress(stats)

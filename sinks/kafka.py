@@ -67,12 +67,14 @@ class KafkaProducer:
         self.stats = DeliveryStats()
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        self._check_fatal()
-        self._produce(topic, value, key, None)
         self.stats.produced += 1
+        try:
+            self._producer.produce(topic, value, key)  # fast path: room in the local queue
+        except BufferError:
+            self._produce(topic, value, key, None)
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Serve delivery reports; call it now and then (``produce`` does when the queue is full)."""
+        """Serve delivery reports and raise a fatal error; call it now and then (e.g. per batch)."""
         self._producer.poll(timeout)
         self._check_fatal()
 
@@ -100,7 +102,10 @@ class KafkaProducer:
                 self._check_fatal()
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        self._settle(err, msg, 1)
+        if err is None:  # the common case first: this runs once per message
+            self.stats.delivered += 1
+        else:
+            self._settle(err, msg, 1)
 
     def _on_retry_delivery(self, attempt: int, err: KafkaError | None, msg: Message) -> None:
         self._settle(err, msg, attempt)

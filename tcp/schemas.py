@@ -22,7 +22,10 @@ __all__ = [
     "Trade",
     "decode_dead_letter",
     "decode_trade",
+    "decode_trades",
     "encode",
+    "is_inst_id",
+    "is_positive_decimal",
 ]
 
 #: 2010-01-01T00:00:00Z: nothing we ingest is older (OKX opened in 2013).
@@ -33,12 +36,37 @@ MAX_TS_MS = 4_102_444_800_000
 Side = Literal["buy", "sell"]
 Origin = Literal["ws", "rest", "replay", "sim"]
 
-# A positive decimal written in plain notation ("42219.9", "0.00000123"), at least one non-zero
-# digit, no sign, no exponent, bounded length.
-_POSITIVE_DECIMAL = r"^(?=[0-9.]{1,40}$)(?=.*[1-9])[0-9]+(?:\.[0-9]+)?$"
-PositiveDecimalStr = Annotated[str, msgspec.Meta(pattern=_POSITIVE_DECIMAL)]
-InstId = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{1,20}(?:-[A-Z0-9]{1,20}){1,4}$")]
 EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
+
+
+def is_positive_decimal(text: str) -> bool:
+    """A positive decimal in plain notation: "42219.9", "0.00000123"; no sign, exponent or blanks.
+
+    String methods instead of a regex: this runs twice per trade on the hot path, and is
+    three times faster than msgspec's pattern constraint.
+    """
+    return (
+        0 < len(text) <= 40
+        and text.isascii()
+        and text.replace(".", "", 1).isdigit()
+        and text[0] != "."
+        and text[-1] != "."
+        and text.strip("0.") != ""
+    )
+
+
+def is_inst_id(text: str) -> bool:
+    """An instrument id like BTC-USDT or BTC-USD-SWAP: upper-case ASCII letters/digits joined by dashes."""
+    return (
+        len(text) <= 64
+        and 1 <= text.count("-") <= 4
+        and text.isascii()
+        and text.isupper()
+        and text.replace("-", "").isalnum()
+        and "--" not in text
+        and text[0] != "-"
+        and text[-1] != "-"
+    )
 
 
 class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -48,10 +76,10 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
     aggregated push it is the LAST id of the fills). Event order is ``(ts, trade_id)``.
     """
 
-    inst_id: InstId
+    inst_id: str
     trade_id: Annotated[int, msgspec.Meta(ge=0)]
-    px: PositiveDecimalStr
-    sz: PositiveDecimalStr
+    px: str
+    sz: str
     side: Side
     ts: EpochMs
     origin: Origin
@@ -59,6 +87,18 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
     count: Annotated[int, msgspec.Meta(ge=1)] = 1
     source: Annotated[int, msgspec.Meta(ge=0)] = 0
     seq_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # Runs on construction and on decoding; a ValueError becomes msgspec.ValidationError.
+        if not is_positive_decimal(self.px):
+            msg = f"px: {self.px!r} is not a positive decimal"
+            raise ValueError(msg)
+        if not is_positive_decimal(self.sz):
+            msg = f"sz: {self.sz!r} is not a positive decimal"
+            raise ValueError(msg)
+        if not is_inst_id(self.inst_id):
+            msg = f"inst_id: {self.inst_id!r} is not an instrument id like BTC-USDT"
+            raise ValueError(msg)
 
     @property
     def price(self) -> Decimal:

@@ -26,7 +26,9 @@ def test_every_message_is_delivered_in_order_per_key(settings: Settings) -> None
     assert values == list(range(5000))  # one key -> one partition -> order kept
 
 
-def test_failed_deliveries_are_retried_then_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_deliveries_are_retried_then_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     own = services.ensure(Settings.load(home=tmp_path, kafka_bootstrap=""), ("kafka",))
     producer = KafkaProducer(
         own.kafka_bootstrap,
