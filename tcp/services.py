@@ -257,7 +257,7 @@ def _pg_start(home: Path) -> str:
                 problem=f"initdb failed: {exc.stderr.strip()}",
                 fix="remove the data directory or check its permissions",
             ) from exc
-    port = _free_port()
+    port = _stable_port(directory)
     address_opts = f"-h 127.0.0.1 -p {port} -k ''"
     logfile = directory / "postgres.log"
     if user is not None:
@@ -351,7 +351,7 @@ def _ensure_redis(settings: Settings, home: Path) -> str:
                 fix="run `make install`",
             ) from exc
     directory = _service_dir(home, "redis")
-    port = _free_port()
+    port = _stable_port(directory)
     url = f"redis://127.0.0.1:{port}/0"
     pid = _spawn(
         [
@@ -470,6 +470,19 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _stable_port(directory: Path) -> int:
+    """The port this service had last time, if it is free, so its address survives a restart."""
+    remembered = directory / "port"
+    try:
+        port = int(remembered.read_text())
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+    except (FileNotFoundError, ValueError, OSError):
+        port = _free_port()
+    remembered.write_text(str(port))
+    return port
 
 
 def _spawn(argv: list[str], *, log_file: Path) -> int:

@@ -34,3 +34,24 @@ def settings(services_settings: Settings) -> Settings:
     result = services_settings.model_copy(update={"topic_prefix": prefix})
     ensure_topics(result)
     return result
+
+
+@pytest.fixture
+def database(services_settings: Settings) -> Iterator[str]:
+    """A fresh PostgreSQL database with the migrations applied; its DSN. Dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from sinks.migrate import apply_migrations
+
+    base = services_settings.postgres_dsn.get_secret_value()
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(base, dbname=name)
+    assert conninfo_to_dict(dsn)["dbname"] == name
+    apply_migrations(dsn)
+    yield dsn
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
