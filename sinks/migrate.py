@@ -21,7 +21,7 @@ _LOCK_ID = 0x7C9D_A5B0  # pg_advisory_lock key for "tcp migrations"
 def available_migrations() -> list[tuple[str, str]]:
     """(version, sql) for every migration file, in order."""
     folder = resources.files("sinks") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 
@@ -40,7 +40,7 @@ def apply_migrations(dsn: str) -> list[str]:
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type]  # trusted files shipped with the package
+                    conn.execute(sql.encode())  # trusted files shipped with the package, no parameters
                     conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied_now.append(version)
                 log.info("applied migration %s", version)

@@ -12,6 +12,7 @@ without bound: that is the backpressure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -64,9 +65,10 @@ class Upsert:
     def merge(self) -> sql.Composed:
         cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
         key = sql.SQL(", ").join(map(sql.Identifier, self.key))
-        order = key
+        order: sql.Composable = key
         if self.newer:
             order = sql.SQL("{key}, {newer} DESC").format(key=key, newer=sql.Identifier(self.newer))
+        action: sql.Composable
         if not self.update:
             action = sql.SQL("DO NOTHING")
         else:
@@ -159,10 +161,8 @@ class PostgresWriter:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None
 
     def close(self) -> None:

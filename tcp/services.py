@@ -478,6 +478,8 @@ def _stable_port(directory: Path) -> int:
     try:
         port = int(remembered.read_text())
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # Servers listen with SO_REUSEADDR: a port whose old connections sit in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
     except (FileNotFoundError, ValueError, OSError):
         port = _free_port()

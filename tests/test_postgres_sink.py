@@ -88,13 +88,15 @@ def test_write_waits_while_the_database_is_down_and_resumes(tmp_path: Path) -> N
     settings = Settings.load(home=tmp_path, postgres_dsn="")
     dsn = services.ensure(settings, ("postgres",)).postgres_dsn.get_secret_value()
     apply_migrations(dsn)
-    writer = PostgresWriter(dsn, CANDLES, retry_initial_s=0.1, retry_max_s=0.5)
+    writer = PostgresWriter(dsn, CANDLES, retry_initial_s=0.1, retry_max_s=0.5, give_up_after_s=60)
     writer.write([candle("1", 0, T0)])
     services.stop(settings, ("postgres",))
 
+    restarted: list[str] = []
+
     def restart_later() -> None:
         time.sleep(2.0)
-        services.ensure(settings, ("postgres",))
+        restarted.append(services.ensure(settings, ("postgres",)).postgres_dsn.get_secret_value())
 
     thread = threading.Thread(target=restart_later)
     thread.start()
@@ -102,6 +104,7 @@ def test_write_waits_while_the_database_is_down_and_resumes(tmp_path: Path) -> N
     writer.write([candle("2", 0, T0.replace(minute=2))])  # blocks until the server is back
     thread.join()
     try:
+        assert restarted == [dsn]  # same address after the restart
         assert time.monotonic() - started >= 1.5
         assert writer.retries >= 1
         assert [r[1] for r in rows(dsn)] == [Decimal("1"), Decimal("2")]
