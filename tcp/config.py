@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     okx_pong_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     okx_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
 
+    # Candles (docs/candles.md).
+    candle_lateness_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 2_000
+    candle_empty: Literal["flat", "skip"] = "flat"
+    candle_late_policy: Literal["revise", "drop-to-late-topic-only"] = "revise"
+    candle_live_every_ms: Annotated[int, Field(ge=100)] = 1_000
+
+    # Bytewax recovery: snapshots of operator state and input offsets. Empty: <home>/recovery.
+    recovery_dir: Path | None = None
+    snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("instruments", "timeframes", mode="before")

@@ -9,14 +9,17 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from tcp.config import Settings
 
-__all__ = ["ALL_TOPICS", "DLQ", "TRADES", "ensure_topics"]
+__all__ = ["ALL_TOPICS", "CANDLES", "CANDLES_LIVE", "DLQ", "LATE", "TRADES", "ensure_topics"]
 
 log = logging.getLogger(__name__)
 
 TRADES = "okx.trades"  # key = inst_id, value = Trade JSON
 DLQ = "okx.trades.dlq"  # value = DeadLetter JSON
+LATE = "okx.trades.late"  # value = LateTrade JSON (the trade and the candle it belonged to)
+CANDLES = "candles"  # key = inst_id|timeframe, value = Candle JSON (final candles only)
+CANDLES_LIVE = "candles.live"  # key = inst_id|timeframe, value = Candle JSON (forming, throttled)
 
-ALL_TOPICS = (TRADES, DLQ)
+ALL_TOPICS = (TRADES, DLQ, LATE, CANDLES, CANDLES_LIVE)
 
 
 def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS, *, timeout: float = 15.0) -> None:
