@@ -2,6 +2,7 @@
 
     tcp services up|down|status
     tcp ingest okx | replay FILE [--speed N|max] | simulate [...]
+    tcp candles run [-w N] [-i I -a ADDRS] [--exit-at-end] | build --input FILE --output OUT.parquet
     tcp dlq [--limit N]
     tcp demo
 
@@ -145,6 +146,75 @@ def _parse_speed(value: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# candles
+
+
+def _cmd_candles(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "build":
+        return _candles_build(args, settings)
+    return _candles_run(args, settings)
+
+
+def _candles_build(args: argparse.Namespace, settings: Settings) -> int:
+    """Batch mode: the same candle code over a file; needs no services."""
+    from connectors.replay import ReplaySource
+    from dataflows.build import build_from_batches, write_parquet
+
+    timeframes = tuple(args.timeframes.split(",")) if args.timeframes else settings.timeframes
+    started = time.monotonic()
+    source = ReplaySource(Path(args.input))
+    try:
+        result = build_from_batches(source.iter_batches(), timeframes, args.empty)
+    except ValueError as exc:
+        print(f"error: {args.input}: {exc}", file=sys.stderr)
+        return 2
+    write_parquet(result.candles, args.output)
+    elapsed = time.monotonic() - started
+    print(
+        f"{result.trades:,} trades -> {len(result.candles):,} candles ({', '.join(timeframes)}) "
+        f"in {elapsed:.1f} s ({result.trades / max(elapsed, 1e-9):,.0f} trades/s); "
+        f"{result.dead_letters:,} dead letters; written to {args.output}"
+    )
+    return 0
+
+
+def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
+    """The streaming candle dataflow, with Bytewax recovery on (unless --no-recovery)."""
+    from datetime import timedelta
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.run import cli_main
+
+    from dataflows.candles import build_flow
+    from sinks.migrate import apply_migrations
+    from tcp.topics import ensure_topics
+
+    settings = services.ensure(settings, ("kafka", "postgres"))
+    ensure_topics(settings)
+    apply_migrations(settings.postgres_dsn.get_secret_value())
+    flow = build_flow(settings, tail=not args.exit_at_end)
+    addresses = args.addresses.split(",") if args.addresses else None
+    recovery = None
+    if not args.no_recovery:
+        directory = settings.recovery_dir or settings.home.resolve() / "recovery" / "candles"
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            # One recovery partition per worker in the cluster is Bytewax's usual layout.
+            init_db_dir(directory, args.workers * (len(addresses) if addresses else 1))
+        recovery = RecoveryConfig(str(directory))
+        log.info("recovery in %s, snapshot every %.1f s", directory, settings.snapshot_interval_s)
+    cli_main(
+        flow,
+        workers_per_process=args.workers,
+        process_id=args.process_id,
+        addresses=addresses,
+        epoch_interval=timedelta(seconds=settings.snapshot_interval_s),
+        recovery_config=recovery,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # dlq
 
 
@@ -255,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--rate", default="200", help="trades per second in all, or max (default 200)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("candles", help="build candles: streaming from Kafka (run) or from a file (build)")
+    candles = p.add_subparsers(dest="action", required=True)
+    q = candles.add_parser("run", help="the candle dataflow: okx.trades -> candles (Kafka, PostgreSQL)")
+    q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
+    q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
+    q.add_argument("-a", "--addresses", help="comma-separated host:port of every process in the cluster")
+    q.add_argument("--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)")
+    q.add_argument("--no-recovery", action="store_true", help="do not snapshot state (restarts from the start)")
+    q = candles.add_parser("build", help="batch mode: candles from a trades file into Parquet, no services")
+    q.add_argument("--input", required=True, help="OKX WebSocket frames (JSON lines) or an OKX trade CSV")
+    q.add_argument("--output", required=True, help="the Parquet file to write")
+    q.add_argument("--timeframes", help="comma-separated, e.g. 1m,5m,1h (default: TCP_TIMEFRAMES)")
+    q.add_argument("--empty", choices=("flat", "skip"), default="flat", help="intervals without trades")
+    p.set_defaults(func=_cmd_candles)
 
     p = sub.add_parser("dlq", help="show dead letters (okx.trades.dlq) with their reasons")
     p.add_argument("--limit", type=int, default=50)
