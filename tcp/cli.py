@@ -262,11 +262,17 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Services up, the bundled sample into Kafka, the candle dataflow over it into PostgreSQL."""
     from importlib import resources
+
+    import psycopg
 
     from connectors.replay import ReplaySource
 
     ready = services.ensure(settings)
+    # Each demo run gets its own topics: replaying the sample twice into one topic would be
+    # a stream of duplicates. PostgreSQL upserts make the candles identical run after run.
+    ready = ready.model_copy(update={"topic_prefix": f"demo-{time.strftime('%Y%m%d-%H%M%S')}."})
     print("TCP Dashboard demo")
     print(f"  Kafka       {ready.kafka_bootstrap}  (embedded Tansu unless TCP_KAFKA_BOOTSTRAP is set)")
     print(f"  PostgreSQL  {services.redact(ready.postgres_dsn.get_secret_value())}")
@@ -274,14 +280,37 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  state       {ready.home}")
     sample = resources.files("tcp") / "data" / "sample-trades.jsonl.gz"
     with resources.as_file(sample) as path:
-        print(f"\nReplaying the bundled sample {sample.name} into {ready.topic('okx.trades')} ...")
+        print(f"\n1. Replaying the bundled sample {sample.name} into {ready.topic('okx.trades')} ...")
         code = _ingest(ready, lambda s: ReplaySource(Path(path), speed=None), "replay sample")
     if code:
         return code
+    print(f"\n2. Running the candle dataflow over it (timeframes {', '.join(ready.timeframes)}) ...")
+    started = time.monotonic()
+    run_args = argparse.Namespace(
+        workers=1, process_id=None, addresses=None, exit_at_end=True, no_recovery=True
+    )
+    _candles_run(run_args, ready)
+    print(f"   done in {time.monotonic() - started:.1f} s")
+    dsn = ready.postgres_dsn.get_secret_value()
+    with psycopg.connect(dsn) as conn:
+        counts = conn.execute(
+            "SELECT timeframe, count(*), count(DISTINCT inst_id) FROM candles GROUP BY timeframe "
+            "ORDER BY min(extract(epoch FROM ts_close))"
+        ).fetchall()
+        latest = conn.execute(
+            "SELECT ts_close, open, high, low, close, volume, trade_count FROM candles "
+            "WHERE inst_id = 'BTC-USDT' AND timeframe = '1m' ORDER BY ts_close DESC LIMIT 3"
+        ).fetchall()
+    print("\n3. PostgreSQL table candles now holds:")
+    for timeframe, count, instruments in counts:
+        print(f"   {timeframe:>4}: {count:6,} candles over {instruments} instruments")
+    print("   latest BTC-USDT 1m candles (labelled by close time):")
+    for ts_close, o, h, low, c, v, n in latest:
+        print(f"   {ts_close:%Y-%m-%d %H:%M} UTC  O {o}  H {h}  L {low}  C {c}  V {v}  trades {n}")
     print(
-        "\nWhat you see: every trade of the sample is now on the Kafka topic okx.trades (key = instrument),"
-        "\nanything malformed on okx.trades.dlq with its reason (`tcp dlq`)."
-        "\nNext: `tcp ingest okx` streams live OKX trades; `tcp ingest simulate --rate 200` streams synthetic ones;"
+        "\nWhat you see: the sample's trades went through Kafka (okx.trades) and the Bytewax candle"
+        "\ndataflow into PostgreSQL; Kafka topics candles and candles.live carry the same candles."
+        "\nNext: `tcp ingest okx` streams live OKX trades; `tcp candles run` keeps building candles;"
         "\n`tcp services status` shows the services; `tcp services down` stops the embedded ones."
     )
     return 0
@@ -332,8 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
     q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
     q.add_argument("-a", "--addresses", help="comma-separated host:port of every process in the cluster")
-    q.add_argument("--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)")
-    q.add_argument("--no-recovery", action="store_true", help="do not snapshot state (restarts from the start)")
+    q.add_argument(
+        "--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)"
+    )
+    q.add_argument(
+        "--no-recovery", action="store_true", help="do not snapshot state (restarts from the start)"
+    )
     q = candles.add_parser("build", help="batch mode: candles from a trades file into Parquet, no services")
     q.add_argument("--input", required=True, help="OKX WebSocket frames (JSON lines) or an OKX trade CSV")
     q.add_argument("--output", required=True, help="the Parquet file to write")
