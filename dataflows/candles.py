@@ -15,7 +15,7 @@ Steps (each a small function below):
    candles at most once per second per instrument and timeframe, and late trades.
 4. Outputs: final candles to Kafka ``candles`` and PostgreSQL ``candles`` (idempotent upserts),
    forming ones to ``candles.live``, late trades to ``okx.trades.late``, dead letters to
-   ``okx.trades.dlq``.
+   ``okx.trades.dlq``, and (``archive_trades``, on by default) every trade to PostgreSQL ``trades``.
 
 State: each instrument's InstrumentCandles is snapshotted (a deep copy) at every epoch, with
 the Kafka offsets, when recovery is on; outputs are at-least-once, so every sink is idempotent.
@@ -37,13 +37,21 @@ from bytewax.operators import StatefulLogic
 
 from dataflows.candle_core import Candle, InstrumentCandles, LateTrade, encode_candle
 from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, RawMessage
-from sinks.bytewax_pg import PostgresSink
+from sinks.bytewax_pg import PostgresSink, Row
 from sinks.postgres import Upsert
 from tcp import topics
 from tcp.config import Settings
 from tcp.schemas import DeadLetter, Trade, decode_trade, encode
 
-__all__ = ["CandleLogic", "CandleOptions", "Decoded", "build_flow", "candle_row", "decode"]  # and `flow`, lazily
+__all__ = [
+    "CandleLogic",
+    "CandleOptions",
+    "Decoded",
+    "build_flow",
+    "candle_row",
+    "decode",
+    "trade_rows",
+]  # and `flow`, lazily
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,11 @@ CANDLE_COLUMNS = (
     "quote_volume", "trade_count", "vwap", "first_trade_id", "last_trade_id", "revision",
 )  # fmt: skip
 CANDLES_UPSERT = Upsert("candles", CANDLE_COLUMNS, ("inst_id", "timeframe", "ts_close"), newer="revision")
+TRADE_COLUMNS = (
+    "inst_id", "trade_id", "ts", "px", "sz", "side", "count", "source", "seq_id", "origin", "received_at",
+)  # fmt: skip
+# A trade never changes: the first write wins, a replayed one does nothing.
+TRADES_UPSERT = Upsert("trades", TRADE_COLUMNS, ("inst_id", "trade_id", "ts"), update=False)
 
 
 @dataclass(frozen=True)
@@ -226,6 +239,17 @@ def candle_row(candle: Candle) -> tuple[Any, ...]:
     )
 
 
+def trade_rows(decoded: Decoded) -> list[Row]:
+    """The ``trades`` table rows of a decoded batch (numerics as exact strings)."""
+    epoch, ms = _EPOCH, timedelta(milliseconds=1)
+    return [
+        (t.inst_id, t.trade_id, epoch + t.ts * ms, t.px, t.sz, t.side, t.count, t.source, t.seq_id, t.origin,
+         epoch + t.received_at * ms)
+        for trades in decoded.by_instrument.values()
+        for t in trades
+    ]  # fmt: skip
+
+
 def _kafka_item(settings: Settings, output: Output) -> KafkaItem:
     kind, item = output
     if kind == "late":
@@ -257,8 +281,14 @@ def build_flow(settings: Settings, *, tail: bool = True, write_postgres: bool = 
     kafka_sink = KafkaProduceSink(settings.kafka_bootstrap, client_id="tcp-candles")
     op.output("kafka_out", op.merge("kafka_items", to_kafka, dead), kafka_sink)
     if write_postgres:
-        finals = op.filter_map("final_rows", outputs_only, lambda o: candle_row(o[1]) if o[0] == "final" else None)
-        op.output("candles_pg", finals, PostgresSink(settings.postgres_dsn.get_secret_value(), CANDLES_UPSERT))
+        dsn = settings.postgres_dsn.get_secret_value()
+        finals: Stream[list[Row]] = op.filter_map(
+            "final_rows", outputs_only, lambda o: [candle_row(o[1])] if o[0] == "final" else None
+        )
+        op.output("candles_pg", finals, PostgresSink(dsn, CANDLES_UPSERT))
+        if settings.archive_trades:
+            rows: Stream[list[Row]] = op.filter_map("trade_rows", decoded, lambda d: trade_rows(d) or None)
+            op.output("trades_pg", rows, PostgresSink(dsn, TRADES_UPSERT))
     return flow
 
 

@@ -16,24 +16,32 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from sinks.postgres import PostgresWriter, Upsert
 
-__all__ = ["PostgresSink"]
+__all__ = ["PostgresSink", "Row"]
 
 
-class _Partition(StatelessSinkPartition[Sequence[Any]]):
+Row = Sequence[Any]
+
+
+class _Partition(StatelessSinkPartition[list[Row]]):
     def __init__(self, writer: PostgresWriter, max_rows: int) -> None:
         self._writer = writer
         self._max_rows = max_rows
 
-    def write_batch(self, items: list[Sequence[Any]]) -> None:
-        for start in range(0, len(items), self._max_rows):
-            self._writer.write(items[start : start + self._max_rows])
+    def write_batch(self, items: list[list[Row]]) -> None:
+        rows = [row for chunk in items for row in chunk]
+        for start in range(0, len(rows), self._max_rows):
+            self._writer.write(rows[start : start + self._max_rows])
 
     def close(self) -> None:
         self._writer.close()
 
 
-class PostgresSink(DynamicSink[Sequence[Any]]):
-    """Rows (tuples in ``upsert.columns`` order) into one table, idempotently; one connection per worker."""
+class PostgresSink(DynamicSink[list[Row]]):
+    """Lists of rows (tuples in ``upsert.columns`` order) into one table, idempotently.
+
+    Items are lists so that a step can hand over a whole batch as one dataflow item (Bytewax's
+    cost is per item). One connection per worker.
+    """
 
     def __init__(self, dsn: str, upsert: Upsert, *, max_rows: int = 5_000) -> None:
         self._dsn = dsn

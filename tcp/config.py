@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     candle_empty: Literal["flat", "skip"] = "flat"
     candle_late_policy: Literal["revise", "drop-to-late-topic-only"] = "revise"
     candle_live_every_ms: Annotated[int, Field(ge=100)] = 1_000
+    # Archive every raw trade in PostgreSQL table `trades` (for research and exports).
+    archive_trades: bool = True
 
     # Bytewax recovery: snapshots of operator state and input offsets. Empty: <home>/recovery.
     recovery_dir: Path | None = None
