@@ -69,6 +69,29 @@ def is_inst_id(text: str) -> bool:
     )
 
 
+_VALID_DECIMALS: set[str] = set()
+_VALID_INST_IDS: set[str] = set()
+_REMEMBER_AT_MOST = 200_000
+
+
+def _check_decimal(field: str, text: str) -> None:
+    if not is_positive_decimal(text):
+        msg = f"{field}: {text!r} is not a positive decimal"
+        raise ValueError(msg)
+    if len(_VALID_DECIMALS) >= _REMEMBER_AT_MOST:
+        _VALID_DECIMALS.clear()
+    _VALID_DECIMALS.add(text)
+
+
+def _check_inst_id(text: str) -> None:
+    if not is_inst_id(text):
+        msg = f"inst_id: {text!r} is not an instrument id like BTC-USDT"
+        raise ValueError(msg)
+    if len(_VALID_INST_IDS) >= _REMEMBER_AT_MOST:
+        _VALID_INST_IDS.clear()
+    _VALID_INST_IDS.add(text)
+
+
 class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """One exchange trade (or one aggregated push of ``count`` fills at one price).
 
@@ -90,15 +113,14 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
 
     def __post_init__(self) -> None:
         # Runs on construction and on decoding; a ValueError becomes msgspec.ValidationError.
-        if not is_positive_decimal(self.px):
-            msg = f"px: {self.px!r} is not a positive decimal"
-            raise ValueError(msg)
-        if not is_positive_decimal(self.sz):
-            msg = f"sz: {self.sz!r} is not a positive decimal"
-            raise ValueError(msg)
-        if not is_inst_id(self.inst_id):
-            msg = f"inst_id: {self.inst_id!r} is not an instrument id like BTC-USDT"
-            raise ValueError(msg)
+        # Prices, sizes and instruments repeat: a string checked once is remembered (bounded).
+        known = _VALID_DECIMALS
+        if self.px not in known:
+            _check_decimal("px", self.px)
+        if self.sz not in known:
+            _check_decimal("sz", self.sz)
+        if self.inst_id not in _VALID_INST_IDS:
+            _check_inst_id(self.inst_id)
 
     @property
     def price(self) -> Decimal:
