@@ -51,14 +51,19 @@ async def run_ingest(
     dedupe: RecentTradeIds | None = None,
     progress: Callable[[IngestStats], None] | None = None,
     progress_every_s: float = 1.0,
+    stats: IngestStats | None = None,
 ) -> IngestStats:
-    """Run ``source`` to its end (or until cancelled), producing into Kafka; flush before returning."""
+    """Run ``source`` to its end (or until cancelled), producing into Kafka; flush before returning.
+
+    Pass ``stats`` to keep the counts when the run is cancelled (Ctrl-C): they are final once
+    this returns or raises, because the producer is flushed on the way out.
+    """
     own_producer = producer is None
     producer = producer or KafkaProducer(settings.kafka_bootstrap, client_id=f"tcp-ingest-{source.name}")
     dedupe = dedupe or RecentTradeIds()
     trades_topic = settings.topic(topics.TRADES)
     dlq_topic = settings.topic(topics.DLQ)
-    stats = IngestStats()
+    stats = stats if stats is not None else IngestStats()
     per_instrument = stats.per_instrument
     next_progress = time.monotonic() + progress_every_s
     produce, is_new = producer.produce, dedupe.add  # bound once: this loop runs per trade
@@ -76,12 +81,13 @@ async def run_ingest(
                     produce(dlq_topic, encode(item))
                     stats.dead_letters += 1
                     log.debug("dead letter from %s: %s", item.where, item.reason)
-            stats.trades = sum(per_instrument.values())
             producer.poll(0)
+            stats.trades = sum(per_instrument.values())
             if progress is not None and time.monotonic() >= next_progress:
                 progress(stats)
                 next_progress = time.monotonic() + progress_every_s
     finally:
+        stats.trades = sum(per_instrument.values())
         remaining = producer.flush(60.0)
         if remaining:
             log.error("%d messages still undelivered after 60 s of flushing", remaining)

@@ -87,26 +87,21 @@ def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ingest(settings: Settings, source_factory: Callable[[Settings], object], label: str) -> int:
-    from connectors.ingest import run_ingest
+    from connectors.ingest import IngestStats, run_ingest
     from tcp.topics import ensure_topics
 
     settings = services.ensure(settings, ("kafka",))
     ensure_topics(settings)
     source = source_factory(settings)
     progress = Progress(label)
-    task_stats: list[object] = []
-
-    async def _run() -> None:
-        stats = await run_ingest(source, settings, progress=progress)  # type: ignore[arg-type]
-        task_stats.append(stats)
-
+    stats = IngestStats()
     try:
-        asyncio.run(_run())
+        asyncio.run(run_ingest(source, settings, progress=progress, stats=stats))  # type: ignore[arg-type]
     except KeyboardInterrupt:
-        print("\ninterrupted: flushed what was produced", file=sys.stderr)
+        progress.done(stats)
+        print("interrupted: everything counted above was flushed to Kafka", file=sys.stderr)
         return 130
-    if task_stats:
-        progress.done(task_stats[0])
+    progress.done(stats)
     return 0
 
 

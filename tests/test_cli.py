@@ -97,3 +97,27 @@ def test_candles_build_writes_parquet_without_services(tmp_path: Path) -> None:
         (1, "99.5", "99.5"),
     ]
     assert not (tmp_path / "none").exists()
+
+
+def test_ctrl_c_flushes_everything_it_counted(services_settings: Settings, tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    settings = services_settings.model_copy(update={"topic_prefix": f"cli-{uuid.uuid4().hex[:8]}."})
+    env = _env(settings, tmp_path / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tcp.cli", "ingest", "simulate", "--rate", "2000"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    counted = [int(n.replace(",", "")) for n in re.findall(r"trades ([\d,]+)", err)]
+    assert counted and counted[-1] > 0
+    assert len(read_topic(settings, "okx.trades", expect=counted[-1])) == counted[-1]
