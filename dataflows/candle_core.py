@@ -558,6 +558,16 @@ class InstrumentCandles:
             self._evict()
         return out
 
+    def resume(self, now_ms: int) -> None:
+        """After a restart from a snapshot: the time the process was down is not idle time.
+
+        The trades of that time wait in Kafka; counting the downtime as idle would finalise
+        their windows before they are read and turn them into late trades.
+        """
+        if now_ms > self._now:
+            self._wm_at += now_ms - self._now
+            self._now = now_ms
+
     def compact(self) -> None:
         """Fold pending trades into aggregates, freeing them (batch mode calls this per chunk)."""
         with decimal.localcontext(_EXACT):

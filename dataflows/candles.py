@@ -151,6 +151,8 @@ class CandleLogic(StatefulLogic[list[Trade], Output, "_Saved | None"]):
     def __init__(self, options: CandleOptions, resume: _Saved | None) -> None:
         self._options = options
         # Bytewax's builder gets no key: a new instrument's state is made from its first batch.
+        if resume is not None:
+            resume.core.resume(_now_ms())
         self._saved = resume
         self._live_due = False
 

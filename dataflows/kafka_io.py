@@ -4,9 +4,16 @@ Input: :class:`KafkaBatchSource` works like Bytewax's ``KafkaSource`` (one input
 Kafka partition, the next offset as recovery state, the same ``tail`` semantics) but emits each
 consumed batch as ONE item: a list of ``(value, partition, offset)``. Bytewax's per-item cost is paid once per
 batch instead of once per message, and no ``KafkaSourceMessage`` is built per message: measured
-in BENCHMARKS.md. It also refuses to skip data: when the saved offsets point past the end of a
-partition (the topic was deleted and re-created, e.g. by a restart of the in-memory local
-broker), it stops the dataflow with a clear error instead of jumping to the end.
+in BENCHMARKS.md. It also refuses to skip data or wait for offsets that will never come: the
+recovery state of a partition is its next offset AND the id of the topic it was read from
+(Kafka topic ids, KIP-516: a topic deleted and re-created under the same name gets a new one).
+On resume, a different id means the topic was reset under the dataflow (e.g. by a restart of
+the in-memory local broker): it stops with :class:`TopicResetError` naming the topic and
+partition. The id is what works on every broker: Tansu (the embedded broker) answers a fetch
+past the end of a partition with no data and no error, so the consumer would wait forever (or,
+once the new topic grows past the saved offset, silently skip its first messages); Apache Kafka
+answers OFFSET_OUT_OF_RANGE, which ``auto.offset.reset=error`` turns into the same
+:class:`TopicResetError` (it also covers messages deleted by retention before they were read).
 
 Output: :class:`KafkaProduceSink` produces ``(topic, key, value)`` items through
 :class:`sinks.kafka.KafkaProducer` (delivery reports, retries) and flushes at the end of every
@@ -16,34 +23,83 @@ batch Bytewax hands it, so a snapshot never covers a message that was not delive
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 from confluent_kafka.admin import AdminClient
 
 from sinks.kafka import KafkaProducer
 
-__all__ = ["KafkaBatchSource", "KafkaProduceSink", "RawMessage", "TopicResetError"]
+__all__ = [
+    "KafkaBatchSource",
+    "KafkaProduceSink",
+    "PartitionState",
+    "RawMessage",
+    "TopicResetError",
+    "topic_id",
+]
 
 log = logging.getLogger(__name__)
 
 #: One consumed message: its value, partition and offset.
 RawMessage = tuple[bytes, int, int]
 
+#: What a partition snapshots: the next offset to read, and the id of the topic it was read
+#: from (None: the broker reports no topic ids). Snapshots written before the id was kept hold
+#: the offset alone (an ``int``); they are still read.
+PartitionState = tuple[int, str | None]
+_Resume = PartitionState | int
+
 _EOF = ConfluentKafkaError._PARTITION_EOF
 _OFFSET_RESET = ConfluentKafkaError._AUTO_OFFSET_RESET
+_NO_TOPIC_IDS = (ConfluentKafkaError._UNSUPPORTED_FEATURE, ConfluentKafkaError.UNSUPPORTED_VERSION)
+_FIX = (
+    "Nothing was skipped: the dataflow stops rather than mix the old state with another topic's "
+    "data. Start over with a fresh recovery directory (after re-ingesting the trades), or point "
+    "the dataflow back at the original topic."
+)
 
 
 class TopicResetError(RuntimeError):
-    """The saved offsets are past the end of the topic: data would be skipped, so we stop."""
+    """The saved offsets belong to another incarnation of the topic: data would be skipped, so we stop."""
 
 
-class _BatchPartition(StatefulSourcePartition[list[RawMessage], int]):
-    def __init__(self, config: dict[str, Any], topic: str, part: int, offset: int, batch_size: int) -> None:
+def topic_id(admin: AdminClient, topic: str, *, timeout: float = 10.0) -> str | None:
+    """The broker's id of ``topic`` (base64, as Kafka prints it), or None if it reports none.
+
+    Brokers before Kafka 2.8 have no topic ids (they answer with the zero id or not at all).
+    Keep ``admin`` for the life of the process: a client dropped right after the answer
+    logs "Purging 1 unserved events from background queue".
+    """
+    try:
+        description = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic].result()
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if isinstance(error, ConfluentKafkaError) and error.code() in _NO_TOPIC_IDS:
+            return None
+        raise
+    uuid = description.topic_id
+    if uuid is None or (uuid.get_most_significant_bits() == 0 and uuid.get_least_significant_bits() == 0):
+        return None
+    return str(uuid)
+
+
+class _BatchPartition(StatefulSourcePartition[list[RawMessage], _Resume]):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        topic: str,
+        part: int,
+        offset: int,
+        batch_size: int,
+        topic_id: str | None,
+    ) -> None:
         self._topic, self._part, self._offset, self._batch_size = topic, part, offset, batch_size
+        self._topic_id = topic_id
         # Never jump to the end silently when the saved offset is out of range: report it.
         config = {**config, "auto.offset.reset": "error"}
         self._consumer = Consumer(config)
@@ -64,9 +120,8 @@ class _BatchPartition(StatefulSourcePartition[list[RawMessage], int]):
                 if error.code() == _OFFSET_RESET or error.code() == ConfluentKafkaError.OFFSET_OUT_OF_RANGE:
                     text = (
                         f"{self._topic}[{self._part}]: the saved offset {self._offset} is out of range "
-                        f"({error.str()}). The topic was reset under the dataflow (the local broker keeps "
-                        "data in memory and loses it on restart). Nothing was skipped: start over with a "
-                        "fresh recovery directory, or restore the topic."
+                        f"({error.str()}): the topic was reset under the dataflow (deleted and re-created), "
+                        f"or retention deleted messages before they were read. {_FIX}"
                     )
                     raise TopicResetError(text)
                 text = f"error consuming {self._topic}[{self._part}]: {error.str()}"
@@ -77,17 +132,18 @@ class _BatchPartition(StatefulSourcePartition[list[RawMessage], int]):
         self._offset = batch[-1][2] + 1
         return [batch]
 
-    def snapshot(self) -> int:
-        return self._offset
+    def snapshot(self) -> PartitionState:
+        return (self._offset, self._topic_id)
 
     def close(self) -> None:
         self._consumer.close()
 
 
-class KafkaBatchSource(FixedPartitionedSource[list[RawMessage], int]):
+class KafkaBatchSource(FixedPartitionedSource[list[RawMessage], _Resume]):
     """One topic as a Bytewax input: one list of ``(value, partition, offset)`` per consumed batch.
 
     ``tail=False`` ends the input at the end of every partition (replays, backfills, tests).
+    On resume, raises :class:`TopicResetError` if the topic is not the one the snapshot read.
     """
 
     def __init__(
@@ -109,19 +165,56 @@ class KafkaBatchSource(FixedPartitionedSource[list[RawMessage], int]):
             "fetch.queue.backoff.ms": 10,
             **(add_config or {}),
         }
+        # One admin client for the life of the source, made on first use (the workers of a
+        # process share the source: hence the lock); topic ids looked up once per process.
+        self._lock = threading.Lock()
+        self._admin_client: AdminClient | None = None
+        self._topic_ids: dict[str, str | None] = {}
+
+    def _admin(self) -> AdminClient:
+        with self._lock:
+            if self._admin_client is None:
+                self._admin_client = AdminClient({"bootstrap.servers": self._bootstrap})
+            return self._admin_client
+
+    def _topic_id(self, topic: str) -> str | None:
+        admin = self._admin()
+        with self._lock:
+            if topic not in self._topic_ids:
+                self._topic_ids[topic] = topic_id(admin, topic)
+            return self._topic_ids[topic]
 
     def list_parts(self) -> list[str]:
-        metadata = AdminClient({"bootstrap.servers": self._bootstrap}).list_topics(self._topic, timeout=10)
+        metadata = self._admin().list_topics(self._topic, timeout=10)
         topic = metadata.topics.get(self._topic)
         if topic is None or topic.error is not None or not topic.partitions:
             text = f"Kafka topic {self._topic!r} does not exist on {self._bootstrap}: create it first (tcp services up)"
             raise RuntimeError(text)
         return [f"{part}-{self._topic}" for part in sorted(topic.partitions)]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:
+    def build_part(self, step_id: str, for_part: str, resume_state: _Resume | None) -> _BatchPartition:
         idx, topic = for_part.split("-", 1)
-        offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        return _BatchPartition(dict(self._config), topic, int(idx), offset, self._batch_size)
+        current = self._topic_id(topic)
+        if resume_state is None:
+            offset, saved = OFFSET_BEGINNING, None
+        elif isinstance(resume_state, int):  # a snapshot from before topic ids were kept
+            offset, saved = resume_state, None
+        else:
+            offset, saved = resume_state
+        # A partition the snapshot had read nothing from (OFFSET_BEGINNING) skips nothing.
+        if offset >= 0 and saved is not None and current is not None and saved != current:
+            text = (
+                f"{topic}[{idx}]: the topic was reset under the dataflow: the recovery snapshot read it up to "
+                f"offset {offset} when its topic id was {saved}, but the topic named {topic!r} on "
+                f"{self._bootstrap} now has id {current} (it was deleted and re-created, e.g. the embedded "
+                f"broker restarted: it keeps topics in memory). {_FIX}"
+            )
+            raise TopicResetError(text)
+        if offset >= 0 and saved is not None and current is None:
+            log.warning(
+                "%s[%s]: the broker reports no topic id: cannot check the topic was not reset", topic, idx
+            )
+        return _BatchPartition(dict(self._config), topic, int(idx), offset, self._batch_size, current)
 
 
 class _ProducePartition(StatelessSinkPartition[tuple[str, bytes | None, bytes]]):

@@ -177,10 +177,11 @@ def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
     """The streaming candle dataflow, with Bytewax recovery on (unless --no-recovery)."""
     from datetime import timedelta
 
-    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
     from dataflows.candles import build_flow
+    from dataflows.kafka_io import TopicResetError
     from sinks.migrate import apply_migrations
     from tcp.topics import ensure_topics
 
@@ -190,23 +191,56 @@ def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
     flow = build_flow(settings, tail=not args.exit_at_end)
     addresses = args.addresses.split(",") if args.addresses else None
     recovery = None
+    directory = None
     if not args.no_recovery:
         directory = settings.recovery_dir or settings.home.resolve() / "recovery" / "candles"
-        if not directory.exists():
-            directory.mkdir(parents=True)
-            # One recovery partition per worker in the cluster is Bytewax's usual layout.
-            init_db_dir(directory, args.workers * (len(addresses) if addresses else 1))
+        # One recovery partition per worker in the cluster is Bytewax's usual layout.
+        _init_recovery_dir(directory, args.workers * (len(addresses) if addresses else 1))
         recovery = RecoveryConfig(str(directory))
         log.info("recovery in %s, snapshot every %.1f s", directory, settings.snapshot_interval_s)
-    cli_main(
-        flow,
-        workers_per_process=args.workers,
-        process_id=args.process_id,
-        addresses=addresses,
-        epoch_interval=timedelta(seconds=settings.snapshot_interval_s),
-        recovery_config=recovery,
-    )
+    try:
+        cli_main(
+            flow,
+            workers_per_process=args.workers,
+            process_id=args.process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=settings.snapshot_interval_s),
+            recovery_config=recovery,
+        )
+    except Exception as exc:
+        # Bytewax wraps what a step raises in its own error: find the reset under it.
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, TopicResetError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}\nThe recovery directory is {directory}.", file=sys.stderr)
+        return 2
     return 0
+
+
+def _init_recovery_dir(directory: Path, partitions: int) -> None:
+    """Create Bytewax's recovery partitions in ``directory`` unless it has them already.
+
+    An existing empty directory (a mounted volume, one made by hand) is initialised too. The
+    partitions are made in a scratch directory inside it and moved in, so a crash or a SIGKILL
+    during the initialisation never leaves a half-made store behind (it is made again).
+    """
+    import shutil
+    import tempfile
+
+    from bytewax.recovery import init_db_dir
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".init-*"):  # left by an initialisation that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if any(directory.glob("part-*.sqlite3")):
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=".init-", dir=directory))
+    init_db_dir(scratch, partitions)
+    for part in sorted(scratch.iterdir()):
+        part.rename(directory / part.name)
+    scratch.rmdir()
 
 
 # --------------------------------------------------------------------------------------------
