@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/candles_bench.py [--trades 1000000] [--repeat 3]
 
+``make bench`` calls :func:`batch_rows`: ``tcp candles build`` over a generated OKX file (WebSocket
+frames as JSON lines, and a trade-history CSV) against a bare stdlib baseline over the same file.
+The standalone script below measures the in-memory pieces (decoded lines, the core alone).
+
 * ``baseline``: stdlib ``json.loads`` per line and a dict loop building the same six
   timeframes with floats, no validation, no dedupe, no flat candles.
 * ``batch build``: typed msgspec decoding (validating every trade) and
@@ -24,6 +28,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -33,7 +38,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataflows.build import build_candles  # noqa: E402
+from bench.common import Row  # noqa: E402
+from connectors.replay import ReplaySource  # noqa: E402
+from connectors.simulate import write_frames  # noqa: E402
+from dataflows.build import build_candles, build_from_batches, write_parquet  # noqa: E402
 from dataflows.candle_core import InstrumentCandles  # noqa: E402
 from tcp.schemas import Side, Trade  # noqa: E402
 
@@ -186,6 +194,121 @@ def exact_scaled_int(trades: list[Trade]) -> int:
         volume += sz
         quote += px * sz
     return quote + volume
+
+
+# --------------------------------------------------------------------------------------------
+# Batch mode over a file, as `tcp candles build` does it (make bench)
+
+CSV_HEADER = "instrument_name,trade_id,side,price,size,created_time\n"
+
+
+def write_jsonl(path: Path, trades: list[Trade]) -> None:
+    """OKX WebSocket frames, one ``trades`` push per line (subscribe acks first), as captured."""
+    write_frames(path, trades, instruments=[spec[0] for spec in INSTRUMENTS])
+
+
+def write_csv(path: Path, trades: list[Trade]) -> None:
+    """An OKX trade-history CSV export (the columns ``tcp candles build`` needs)."""
+    with path.open("w") as out:
+        out.write(CSV_HEADER)
+        out.writelines(f"{t.inst_id},{t.trade_id},{t.side},{t.px},{t.sz},{t.ts}\n" for t in trades)
+
+
+def _float_candles(
+    candles: dict[tuple[str, int, int], list[float]], inst: str, ts: int, px: float, sz: float
+) -> None:
+    for tf in TF_MS:
+        k = (inst, tf, (ts // tf + 1) * tf)
+        c = candles.get(k)
+        if c is None:
+            candles[k] = [px, px, px, px, sz, px * sz, 1.0]
+        else:
+            if px > c[1]:
+                c[1] = px
+            if px < c[2]:
+                c[2] = px
+            c[3] = px
+            c[4] += sz
+            c[5] += px * sz
+            c[6] += 1
+
+
+def baseline_jsonl(path: Path) -> int:
+    """The bare baseline over a frames file: ``json.loads`` per line, a float dict, no checks."""
+    candles: dict[tuple[str, int, int], list[float]] = {}
+    loads = json.loads
+    with path.open("rb") as lines:
+        for line in lines:
+            frame = loads(line)
+            data = frame.get("data")
+            if data is None:  # subscribe acks
+                continue
+            for d in data:
+                _float_candles(candles, d["instId"], int(d["ts"]), float(d["px"]), float(d["sz"]))
+    return len(candles)
+
+
+def baseline_csv(path: Path) -> int:
+    """The bare baseline over a CSV: ``str.split`` per line, a float dict, no checks."""
+    candles: dict[tuple[str, int, int], list[float]] = {}
+    with path.open() as lines:
+        next(lines)
+        for line in lines:
+            inst, _, _, px, sz, ts = line.split(",")
+            _float_candles(candles, inst, int(ts), float(px), float(sz))
+    return len(candles)
+
+
+def build_file(path: Path, out: Path) -> int:
+    """Exactly ``tcp candles build --input path --output out`` (default timeframes, flat candles)."""
+    result = build_from_batches(ReplaySource(path).iter_batches(), TIMEFRAMES, "flat")
+    write_parquet(result.candles, out)
+    return result.trades
+
+
+def batch_rows(n: int = 1_000_000, repeat: int = 2) -> list[Row]:
+    """``tcp candles build`` vs the bare baseline over the same generated files.
+
+    Best of ``repeat`` each, the two alternating (baseline, ours, baseline, ours) so that a change
+    in the machine's load hits both alike.
+    """
+    trades = generate(n)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tcp-bench-") as tmp:
+        for fmt, write, base in (
+            ("JSON lines (WS frames)", write_jsonl, baseline_jsonl),
+            ("CSV", write_csv, baseline_csv),
+        ):
+            src = Path(tmp) / f"trades.{'jsonl' if fmt.startswith('JSON') else 'csv'}"
+            write(src, trades)
+            out = Path(tmp) / "candles.parquet"
+            t_base = t_ours = float("inf")
+            for _ in range(repeat):
+                started = time.perf_counter()
+                base(src)
+                t_base = min(t_base, time.perf_counter() - started)
+                started = time.perf_counter()
+                built = build_file(src, out)
+                t_ours = min(t_ours, time.perf_counter() - started)
+                assert built == n, (built, n)
+            print(
+                f"  {fmt}: baseline {n / t_base:,.0f} trades/s, ours {n / t_ours:,.0f} trades/s", flush=True
+            )
+            rows.append(
+                Row(
+                    f"`tcp candles build`, {n:,} trades, 9 instruments, 6 timeframes, OKX {fmt} file -> Parquet "
+                    "(validating, exact decimals, dedupe, flat candles)",
+                    n / t_ours,
+                    f"stdlib {'json.loads' if fmt.startswith('JSON') else 'str.split'} + float dict loop, same file, "
+                    "no validation",
+                    n / t_base,
+                    "trades/s",
+                    ">= 1.0x",
+                    met=t_base / t_ours >= 1.0,
+                )
+            )
+            src.unlink()
+    return rows
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> float:

@@ -9,6 +9,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+#: Multiplies every benchmark's size (``BENCH_SCALE=0.05`` for a quick check; 1 = the issues' sizes).
+SCALE_ENV = "BENCH_SCALE"
+
+
+def scale() -> float:
+    """The size factor from ``BENCH_SCALE`` (default 1.0: the sizes the issues ask for)."""
+    text = os.environ.get(SCALE_ENV, "").strip()
+    if not text:
+        return 1.0
+    value = float(text)
+    if not value > 0:
+        msg = f"{SCALE_ENV} must be a positive number, got {text!r}"
+        raise ValueError(msg)
+    return value
+
+
+def scaled(n: int, minimum: int = 1_000) -> int:
+    """``n`` times :func:`scale`, at least ``minimum`` (and never more than asked when scale < 1)."""
+    return max(min(n, minimum), round(n * scale()))
+
 
 @dataclass
 class Row:
@@ -21,6 +41,12 @@ class Row:
     unit: str
     target: str
     higher_is_better: bool = True
+    #: Whether the target is met (None: the target is not a pass/fail figure, or not checked).
+    met: bool | None = None
+    #: Printed instead of the ratio when a ratio means nothing here (e.g. RSS vs an idle process).
+    ratio_text: str | None = None
+    #: Digits after the point (latencies in ms, MB).
+    decimals: int = 0
 
     @property
     def ratio(self) -> float:
@@ -61,12 +87,15 @@ def machine() -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| what | measured | baseline (same run) | ratio | target |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| what | measured | baseline (same run) | ratio | target | met |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
+        d = row.decimals
+        ratio = row.ratio_text if row.ratio_text is not None else f"{row.ratio:.2f}x"
+        met = "-" if row.met is None else ("yes" if row.met else "**no**")
         lines.append(
-            f"| {row.name} | {row.value:,.0f} {row.unit} | {row.baseline_name}: {row.baseline:,.0f} {row.unit} "
-            f"| {row.ratio:.2f}x | {row.target} |"
+            f"| {row.name} | {row.value:,.{d}f} {row.unit} | {row.baseline_name}: {row.baseline:,.{d}f} {row.unit} "
+            f"| {ratio} | {row.target} | {met} |"
         )
     return "\n".join(lines)

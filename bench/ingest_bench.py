@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from confluent_kafka import Producer
 
 from bench.common import Row, best_rate
+from bench.stream_bench import delete_topics
 from connectors.base import Batch
 from connectors.ingest import run_ingest
 from tcp.config import Settings
@@ -83,12 +84,12 @@ class _ListSource:
 def produce_rows(settings: Settings, n: int = 300_000) -> list[Row]:
     trades = make_trades(n)
     values = [(encode(t), t.inst_id.encode()) for t in trades]
-    run = [0]
+    made: list[Settings] = []
 
     def fresh() -> Settings:
-        run[0] += 1
-        s = settings.model_copy(update={"topic_prefix": f"bench-{time.time_ns()}-{run[0]}."})
+        s = settings.model_copy(update={"topic_prefix": f"bench-{time.time_ns()}-{len(made) + 1}."})
         ensure_topics(s, ("okx.trades", "okx.trades.dlq"))
+        made.append(s)
         return s
 
     def bare() -> int:
@@ -121,8 +122,12 @@ def produce_rows(settings: Settings, n: int = 300_000) -> list[Row]:
         assert stats.trades == n, stats
         return n
 
-    base = best_rate(bare, 2)
-    value = best_rate(ours, 2)
+    try:
+        base = best_rate(bare, 2)
+        value = best_rate(ours, 2)
+    finally:
+        for s in made:  # the embedded broker keeps topics in memory
+            delete_topics(s)
     return [
         Row(
             "ingest into Kafka: encode + dedupe + produce with delivery reports",

@@ -92,7 +92,7 @@ def _check_inst_id(text: str) -> None:
     _VALID_INST_IDS.add(text)
 
 
-class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
     """One exchange trade (or one aggregated push of ``count`` fills at one price).
 
     ``trade_id`` is the exchange's id as an integer (OKX sends digits in a string; for an
@@ -113,12 +113,13 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
 
     def __post_init__(self) -> None:
         # Runs on construction and on decoding; a ValueError becomes msgspec.ValidationError.
-        # Prices, sizes and instruments repeat: a string checked once is remembered (bounded).
-        known = _VALID_DECIMALS
-        if self.px not in known:
+        # Prices and instruments repeat: a string checked once is remembered (bounded).
+        # Sizes rarely repeat, so they are checked every time.
+        if self.px not in _VALID_DECIMALS:
             _check_decimal("px", self.px)
-        if self.sz not in known:
-            _check_decimal("sz", self.sz)
+        if not is_positive_decimal(self.sz):
+            msg = f"sz: {self.sz!r} is not a positive decimal"
+            raise ValueError(msg)
         if self.inst_id not in _VALID_INST_IDS:
             _check_inst_id(self.inst_id)
 
