@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,21 +37,33 @@ def settings(services_settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def database(services_settings: Settings) -> Iterator[str]:
-    """A fresh PostgreSQL database with the migrations applied; its DSN. Dropped afterwards."""
+def make_database(services_settings: Settings) -> Iterator[Callable[[], str]]:
+    """Makes fresh PostgreSQL databases with the migrations applied (returns DSNs); drops them after."""
     import psycopg
     from psycopg import sql
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
     from sinks.migrate import apply_migrations
 
     base = services_settings.postgres_dsn.get_secret_value()
-    name = f"test_{uuid.uuid4().hex[:12]}"
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        names.append(name)
+        dsn = make_conninfo(base, dbname=name)
+        apply_migrations(dsn)
+        return dsn
+
+    yield make
     with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(base, dbname=name)
-    assert conninfo_to_dict(dsn)["dbname"] == name
-    apply_migrations(dsn)
-    yield dsn
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database(make_database: Callable[[], str]) -> str:
+    """A fresh PostgreSQL database with the migrations applied; its DSN. Dropped afterwards."""
+    return make_database()

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -177,32 +176,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def make_database(services_settings: Settings) -> Iterator[Callable[[], str]]:
-    """Like the ``database`` fixture, as many times as asked: fresh databases with migrations."""
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    from sinks.migrate import apply_migrations
-
-    base = services_settings.postgres_dsn.get_secret_value()
-    names: list[str] = []
-
-    def make() -> str:
-        name = f"test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        names.append(name)
-        dsn = make_conninfo(base, dbname=name)
-        apply_migrations(dsn)
-        return dsn
-
-    yield make
-    with psycopg.connect(base, autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def flow_env(settings: Settings, home: Path) -> dict[str, str]:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -190,22 +190,9 @@ def _first_difference(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> str
 
 
 @pytest.fixture
-def second_database(services_settings: Settings) -> Iterator[str]:
+def second_database(make_database: Callable[[], str]) -> str:
     """Another fresh database (the `database` fixture gives one per test)."""
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    from sinks.migrate import apply_migrations
-
-    base = services_settings.postgres_dsn.get_secret_value()
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(base, dbname=name)
-    apply_migrations(dsn)
-    yield dsn
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    return make_database()
 
 
 # --------------------------------------------------------------------------------------------
