@@ -35,7 +35,7 @@ import msgspec
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulLogic
 
-from dataflows.candle_core import Candle, InstrumentCandles, LateTrade, encode_candle
+from dataflows.candle_core import Candle, Emitted, InstrumentCandles, LateTrade, encode_candle
 from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, RawMessage
 from sinks.bytewax_pg import PostgresSink, Row
 from sinks.postgres import Upsert
@@ -202,7 +202,7 @@ class CandleLogic(StatefulLogic[list[Trade], Output, "_Saved | None"]):
         return copy.deepcopy(self._saved)
 
     @staticmethod
-    def _emit(emitted: Any) -> list[Output]:
+    def _emit(emitted: Emitted) -> list[Output]:
         out: list[Output] = [("final", candle) for candle in emitted.candles]
         out.extend(("late", late) for late in emitted.late)
         return out

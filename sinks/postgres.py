@@ -63,36 +63,32 @@ class Upsert:
         )
 
     def merge(self) -> sql.Composed:
+        table, stage = sql.Identifier(self.table), self._stage()
         cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
         key = sql.SQL(", ").join(map(sql.Identifier, self.key))
-        order: sql.Composable = key
-        if self.newer:
-            order = sql.SQL("{key}, {newer} DESC").format(key=key, newer=sql.Identifier(self.newer))
-        action: sql.Composable
         if not self.update:
-            action = sql.SQL("DO NOTHING")
-        else:
-            sets = sql.SQL(", ").join(
-                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
-                for c in self.columns
-                if c not in self.key
+            # DO NOTHING tolerates a key twice in one statement: no need to sort the batch.
+            return sql.SQL(
+                "INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT ({key}) DO NOTHING"
+            ).format(table=table, cols=cols, stage=stage, key=key)
+        sets = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
+            for c in self.columns
+            if c not in self.key
+        )
+        order: sql.Composable = key
+        action: sql.Composable = sql.SQL("DO UPDATE SET {sets}").format(sets=sets)
+        if self.newer:
+            newer = sql.Identifier(self.newer)
+            order = sql.SQL("{key}, {newer} DESC").format(key=key, newer=newer)
+            action = sql.SQL("{action} WHERE {table}.{newer} < EXCLUDED.{newer}").format(
+                action=action, table=table, newer=newer
             )
-            action = sql.SQL("DO UPDATE SET {sets}").format(sets=sets)
-            if self.newer:
-                action = sql.SQL("{action} WHERE {table}.{newer} < EXCLUDED.{newer}").format(
-                    action=action, table=sql.Identifier(self.table), newer=sql.Identifier(self.newer)
-                )
+        # DISTINCT ON: one row per key (the newest), since DO UPDATE may not touch a row twice.
         return sql.SQL(
             "INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {order} "
             "ON CONFLICT ({key}) {action}"
-        ).format(
-            table=sql.Identifier(self.table),
-            cols=cols,
-            key=key,
-            stage=self._stage(),
-            order=order,
-            action=action,
-        )
+        ).format(table=table, cols=cols, key=key, stage=stage, order=order, action=action)
 
 
 class PostgresWriter:

@@ -19,10 +19,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tcp import services
 from tcp.config import Settings
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, per command
+    from connectors.base import TradeSource
+    from connectors.ingest import IngestStats
 
 __all__ = ["main"]
 
@@ -42,8 +46,8 @@ class Progress:
         self._tty = stream.isatty()
         self._last_plain = 0.0
 
-    def __call__(self, stats: object) -> None:
-        line = f"{self._label}: {stats.line()}"  # type: ignore[attr-defined]
+    def __call__(self, stats: IngestStats) -> None:
+        line = f"{self._label}: {stats.line()}"
         if self._tty:
             self._stream.write("\r\x1b[2K" + line)
             self._stream.flush()
@@ -51,10 +55,10 @@ class Progress:
             self._last_plain = time.monotonic()
             self._stream.write(line + "\n")
 
-    def done(self, stats: object) -> None:
+    def done(self, stats: IngestStats) -> None:
         if self._tty:
             self._stream.write("\n")
-        self._stream.write(f"{self._label} done: {stats.line()}\n")  # type: ignore[attr-defined]
+        self._stream.write(f"{self._label} done: {stats.line()}\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
 # ingest
 
 
-def _ingest(settings: Settings, source_factory: Callable[[Settings], object], label: str) -> int:
+def _ingest(settings: Settings, source_factory: Callable[[Settings], TradeSource], label: str) -> int:
     from connectors.ingest import IngestStats, run_ingest
     from tcp.topics import ensure_topics
 
@@ -96,7 +100,7 @@ def _ingest(settings: Settings, source_factory: Callable[[Settings], object], la
     progress = Progress(label)
     stats = IngestStats()
     try:
-        asyncio.run(run_ingest(source, settings, progress=progress, stats=stats))  # type: ignore[arg-type]
+        asyncio.run(run_ingest(source, settings, progress=progress, stats=stats))
     except KeyboardInterrupt:
         progress.done(stats)
         print("interrupted: everything counted above was flushed to Kafka", file=sys.stderr)

@@ -74,22 +74,15 @@ _VALID_INST_IDS: set[str] = set()
 _REMEMBER_AT_MOST = 200_000
 
 
-def _check_decimal(field: str, text: str) -> None:
-    if not is_positive_decimal(text):
-        msg = f"{field}: {text!r} is not a positive decimal"
+def _check(field: str, text: str, valid: bool, what: str, remember: set[str] | None = None) -> None:
+    """Raise the field's error, or remember a valid string (the set is bounded: cleared when full)."""
+    if not valid:
+        msg = f"{field}: {text!r} is not {what}"
         raise ValueError(msg)
-    if len(_VALID_DECIMALS) >= _REMEMBER_AT_MOST:
-        _VALID_DECIMALS.clear()
-    _VALID_DECIMALS.add(text)
-
-
-def _check_inst_id(text: str) -> None:
-    if not is_inst_id(text):
-        msg = f"inst_id: {text!r} is not an instrument id like BTC-USDT"
-        raise ValueError(msg)
-    if len(_VALID_INST_IDS) >= _REMEMBER_AT_MOST:
-        _VALID_INST_IDS.clear()
-    _VALID_INST_IDS.add(text)
+    if remember is not None:
+        if len(remember) >= _REMEMBER_AT_MOST:
+            remember.clear()
+        remember.add(text)
 
 
 class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
@@ -116,12 +109,17 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
         # Prices and instruments repeat: a string checked once is remembered (bounded).
         # Sizes rarely repeat, so they are checked every time.
         if self.px not in _VALID_DECIMALS:
-            _check_decimal("px", self.px)
+            _check("px", self.px, is_positive_decimal(self.px), "a positive decimal", _VALID_DECIMALS)
         if not is_positive_decimal(self.sz):
-            msg = f"sz: {self.sz!r} is not a positive decimal"
-            raise ValueError(msg)
+            _check("sz", self.sz, False, "a positive decimal")
         if self.inst_id not in _VALID_INST_IDS:
-            _check_inst_id(self.inst_id)
+            _check(
+                "inst_id",
+                self.inst_id,
+                is_inst_id(self.inst_id),
+                "an instrument id like BTC-USDT",
+                _VALID_INST_IDS,
+            )
 
     @property
     def price(self) -> Decimal:

@@ -19,7 +19,6 @@ allow 10 s of lateness: a machine stall of up to 8 s cannot make an in-order tra
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -46,6 +45,7 @@ from tcp import topics
 from tcp.config import Settings
 from tcp.schemas import DeadLetter, Trade, decode_dead_letter, encode
 from tcp.timeframes import close_of
+from tests.env_util import tcp_env
 from tests.kafka_util import read_topic
 from tests.reference_candles import generate_arrivals, reference_candles
 
@@ -180,22 +180,7 @@ def free_port() -> int:
 
 def flow_env(settings: Settings, home: Path) -> dict[str, str]:
     """TCP_* variables that make ``tcp candles run`` use exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
-    env.update(
-        TCP_HOME=str(home),
-        TCP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        TCP_POSTGRES_DSN=settings.postgres_dsn.get_secret_value(),
-        TCP_TOPIC_PREFIX=settings.topic_prefix,
-        TCP_TOPIC_PARTITIONS=str(settings.topic_partitions),
-        TCP_TIMEFRAMES=",".join(settings.timeframes),
-        TCP_CANDLE_LATENESS_MS=str(settings.candle_lateness_ms),
-        TCP_CANDLE_EMPTY=settings.candle_empty,
-        TCP_CANDLE_LATE_POLICY=settings.candle_late_policy,
-        TCP_CANDLE_LIVE_EVERY_MS=str(settings.candle_live_every_ms),
-        TCP_ARCHIVE_TRADES=str(settings.archive_trades).lower(),
-        TCP_LOG_LEVEL="WARNING",
-    )
-    return env
+    return tcp_env(settings, TCP_HOME=str(home), TCP_LOG_LEVEL="WARNING")
 
 
 @contextmanager

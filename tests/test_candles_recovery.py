@@ -22,7 +22,6 @@ both runs revise the same candles the same number of times.
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import random
 import signal
@@ -50,6 +49,7 @@ from tcp import services
 from tcp.config import DEFAULT_TIMEFRAMES, Settings
 from tcp.schemas import Trade, encode
 from tcp.topics import TRADES, ensure_topics
+from tests.env_util import tcp_env
 from tests.kafka_util import read_topic
 
 pytestmark = pytest.mark.services
@@ -68,19 +68,16 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _env(settings: Settings, home: Path, dsn: str, recovery: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
-    env.update(
+    extra = {"TCP_RECOVERY_DIR": str(recovery)} if recovery is not None else {}
+    return tcp_env(
+        settings,
         TCP_HOME=str(home),
-        TCP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
         TCP_POSTGRES_DSN=dsn,
-        TCP_TOPIC_PREFIX=settings.topic_prefix,
         TCP_SNAPSHOT_INTERVAL_S="0.5",
         TCP_CANDLE_LATENESS_MS=str(LATENESS_MS),
         TCP_LOG_LEVEL="WARNING",
+        **extra,
     )
-    if recovery is not None:
-        env["TCP_RECOVERY_DIR"] = str(recovery)
-    return env
 
 
 class _Run:

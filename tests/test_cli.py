@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -12,19 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tcp.config import Settings
+from tests.env_util import tcp_env
 from tests.kafka_util import read_topic
 
 
 def _env(settings: Settings, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
-    env.update(
-        TCP_HOME=str(home),
-        TCP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        TCP_POSTGRES_DSN=settings.postgres_dsn.get_secret_value(),
-        TCP_REDIS_URL=settings.redis_url.get_secret_value(),
-        TCP_TOPIC_PREFIX=settings.topic_prefix,
-    )
-    return env
+    return tcp_env(settings, TCP_HOME=str(home))
 
 
 def tcp(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -86,8 +78,7 @@ def test_candles_build_writes_parquet_without_services(tmp_path: Path) -> None:
         "BTC-USDT,3,buy,99.5,1,1700000120000\n"  # two minutes later: one flat candle between
     )
     out = tmp_path / "candles.parquet"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
-    env.update(TCP_KAFKA_BOOTSTRAP="127.0.0.1:1", TCP_HOME=str(tmp_path / "none"))  # no services used
+    env = tcp_env(TCP_KAFKA_BOOTSTRAP="127.0.0.1:1", TCP_HOME=str(tmp_path / "none"))  # no services used
     result = tcp(env, "candles", "build", "--input", str(csv), "--output", str(out), "--timeframes", "1m")
     assert result.returncode == 0, result.stderr
     rows = pq.read_table(out).to_pylist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pydantic import SecretStr
 
 from tcp import services
 from tcp.config import Settings
+from tests.env_util import tcp_env
 
 
 def _embedded_only(home: Path) -> Settings:
@@ -118,8 +118,7 @@ def test_redact_hides_passwords() -> None:
 
 
 def test_cli_services_up_status_down(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
-    env["TCP_HOME"] = str(tmp_path / "cli-home")
+    env = tcp_env(TCP_HOME=str(tmp_path / "cli-home"))
     tcp = [sys.executable, "-m", "tcp.cli"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,28 @@
+"""The environment for a `tcp` subprocess: settings written back as TCP_* variables."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import SecretStr
+
+from tcp.config import Settings
+
+
+def tcp_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment without its TCP_* variables, plus every field of ``settings``
+    as TCP_* (so the subprocess sees exactly these settings), plus ``extra`` (e.g. TCP_HOME)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
+    if settings is not None:
+        for name, value in settings.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            env[f"TCP_{name.upper()}"] = str(value)
+    env.update(extra)
+    return env
