@@ -100,24 +100,7 @@ def baseline(lines: list[bytes]) -> int:
     candles: dict[tuple[str, int, int], list[float]] = {}
     for line in lines:
         d = json.loads(line)
-        px = float(d["px"])
-        sz = float(d["sz"])
-        ts = d["ts"]
-        inst = d["inst_id"]
-        for tf in TF_MS:
-            k = (inst, tf, (ts // tf + 1) * tf)
-            c = candles.get(k)
-            if c is None:
-                candles[k] = [px, px, px, px, sz, px * sz, 1.0]
-            else:
-                if px > c[1]:
-                    c[1] = px
-                if px < c[2]:
-                    c[2] = px
-                c[3] = px
-                c[4] += sz
-                c[5] += px * sz
-                c[6] += 1
+        _float_candles(candles, d["inst_id"], d["ts"], float(d["px"]), float(d["sz"]))
     return len(candles)
 
 
