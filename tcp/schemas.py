@@ -22,7 +22,6 @@ __all__ = [
     "Trade",
     "decode_dead_letter",
     "decode_trade",
-    "decode_trades",
     "encode",
     "is_inst_id",
     "is_positive_decimal",
@@ -170,10 +169,8 @@ class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
 
 _encoder = msgspec.json.Encoder()
 _trade_decoder = msgspec.json.Decoder(Trade)
-_trades_decoder = msgspec.json.Decoder(list[Trade])
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 encode = _encoder.encode
 decode_trade = _trade_decoder.decode
-decode_trades = _trades_decoder.decode
 decode_dead_letter = _dead_letter_decoder.decode
