@@ -38,7 +38,7 @@ import msgspec
 
 from connectors.base import Batch
 from connectors.okx.parse import FrameKind, parse_ws_frame
-from tcp.schemas import MAX_TS_MS, MIN_TS_MS, DeadLetter, Trade
+from tcp.schemas import MAX_TS_MS, MIN_TS_MS, DeadLetter, Trade, trade_problem
 from tcp.timeframes import now_ms
 
 __all__ = [
@@ -253,7 +253,9 @@ class ReplaySource:
                 if line.strip():
                     skipped["request"] = skipped.get("request", 0) + 1
                 continue
-            parsed = parse_ws_frame(frame, received_at=received_at, origin="replay", where=f"{prefix}:{lineno}")
+            parsed = parse_ws_frame(
+                frame, received_at=received_at, origin="replay", where=f"{prefix}:{lineno}"
+            )
             kind = parsed.kind
             if kind is _TRADES:
                 for item in parsed.items:
@@ -407,18 +409,15 @@ class _CsvColumns:
             if not (text.isdigit() and text.isascii() and len(text) <= _MAX_ID_DIGITS and int(text) >= 1):
                 return f"count: {text!r} is not a positive integer"
             count = int(text)
-        try:
-            # The constructor checks instrument id, price and size (Trade.__post_init__).
-            return Trade(
-                fields[i_inst],
-                int(trade_id),
-                fields[i_px],
-                fields[i_sz],
-                side,  # type: ignore[arg-type]  # checked against _SIDES above
-                ts,
-                "replay",
-                received_at,
-                count,
-            )
-        except ValueError as exc:
-            return str(exc)
+        trade = Trade(
+            fields[i_inst],
+            int(trade_id),
+            fields[i_px],
+            fields[i_sz],
+            side,  # type: ignore[arg-type]  # checked against _SIDES above
+            ts,
+            "replay",
+            received_at,
+            count,
+        )
+        return trade_problem(trade) or trade

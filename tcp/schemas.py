@@ -8,7 +8,9 @@ msgspec decoders, which validate while they parse: a value that does not fit rai
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from operator import attrgetter
 from typing import Annotated, Literal
 
 import msgspec
@@ -20,11 +22,15 @@ __all__ = [
     "Origin",
     "Side",
     "Trade",
+    "check_trade",
     "decode_dead_letter",
     "decode_trade",
+    "decode_trades",
     "encode",
     "is_inst_id",
     "is_positive_decimal",
+    "trade_problem",
+    "trade_problems",
 ]
 
 #: 2010-01-01T00:00:00Z: nothing we ingest is older (OKX opened in 2013).
@@ -73,22 +79,17 @@ _VALID_INST_IDS: set[str] = set()
 _REMEMBER_AT_MOST = 200_000
 
 
-def _check(field: str, text: str, valid: bool, what: str, remember: set[str] | None = None) -> None:
-    """Raise the field's error, or remember a valid string (the set is bounded: cleared when full)."""
-    if not valid:
-        msg = f"{field}: {text!r} is not {what}"
-        raise ValueError(msg)
-    if remember is not None:
-        if len(remember) >= _REMEMBER_AT_MOST:
-            remember.clear()
-        remember.add(text)
-
-
 class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
     """One exchange trade (or one aggregated push of ``count`` fills at one price).
 
     ``trade_id`` is the exchange's id as an integer (OKX sends digits in a string; for an
     aggregated push it is the LAST id of the fills). Event order is ``(ts, trade_id)``.
+
+    Like every msgspec Struct, the constructor checks nothing. Trades enter the platform only
+    through checked doors: :func:`decode_trade` / :func:`decode_trades` (Kafka), the OKX parser
+    and the replay reader, which apply the types above AND :func:`trade_problem` (px and sz
+    positive decimals in plain notation, inst_id like BTC-USDT). Code that builds trades itself
+    from untrusted input must call :func:`check_trade` too.
     """
 
     inst_id: str
@@ -102,23 +103,6 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
     count: Annotated[int, msgspec.Meta(ge=1)] = 1
     source: Annotated[int, msgspec.Meta(ge=0)] = 0
     seq_id: int | None = None
-
-    def __post_init__(self) -> None:
-        # Runs on construction and on decoding; a ValueError becomes msgspec.ValidationError.
-        # Prices and instruments repeat: a string checked once is remembered (bounded).
-        # Sizes rarely repeat, so they are checked every time.
-        if self.px not in _VALID_DECIMALS:
-            _check("px", self.px, is_positive_decimal(self.px), "a positive decimal", _VALID_DECIMALS)
-        if not is_positive_decimal(self.sz):
-            _check("sz", self.sz, False, "a positive decimal")
-        if self.inst_id not in _VALID_INST_IDS:
-            _check(
-                "inst_id",
-                self.inst_id,
-                is_inst_id(self.inst_id),
-                "an instrument id like BTC-USDT",
-                _VALID_INST_IDS,
-            )
 
     @property
     def price(self) -> Decimal:
@@ -172,5 +156,105 @@ _trade_decoder = msgspec.json.Decoder(Trade)
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 encode = _encoder.encode
-decode_trade = _trade_decoder.decode
 decode_dead_letter = _dead_letter_decoder.decode
+
+_PX = attrgetter("px")
+_SZ = attrgetter("sz")
+_INST = attrgetter("inst_id")
+
+
+def _remember(cache: set[str], text: str) -> None:
+    if len(cache) >= _REMEMBER_AT_MOST:  # bounded: forget everything, re-learn the common ones
+        cache.clear()
+    cache.add(text)
+
+
+def trade_problem(trade: Trade) -> str | None:
+    """Why a trade's strings break the schema (px, sz, inst_id), or None when they are fine.
+
+    The types, ranges and field names are msgspec's job when decoding; this is the rest.
+    Prices and instrument ids repeat, so a string found valid once is remembered (bounded).
+    """
+    if trade.px not in _VALID_DECIMALS:
+        if not is_positive_decimal(trade.px):
+            return f"px: {trade.px!r} is not a positive decimal"
+        _remember(_VALID_DECIMALS, trade.px)
+    if not is_positive_decimal(trade.sz):
+        return f"sz: {trade.sz!r} is not a positive decimal"
+    if trade.inst_id not in _VALID_INST_IDS:
+        if not is_inst_id(trade.inst_id):
+            return f"inst_id: {trade.inst_id!r} is not an instrument id like BTC-USDT"
+        _remember(_VALID_INST_IDS, trade.inst_id)
+    return None
+
+
+def check_trade(trade: Trade) -> Trade:
+    """The trade itself when :func:`trade_problem` finds nothing, else ``ValueError`` with the reason."""
+    problem = trade_problem(trade)
+    if problem is not None:
+        raise ValueError(problem)
+    return trade
+
+
+def trade_problems(trades: Sequence[Trade]) -> dict[int, str]:
+    """``{index: reason}`` of the trades that break the schema; empty when all are fine.
+
+    The batch form of :func:`trade_problem`: each DISTINCT px, sz and inst_id of the batch is
+    checked once (the sets are built by C loops), so a clean batch costs a fraction of checking
+    trade by trade. Only when some string is bad are the trades looked at one by one.
+    """
+    new_px = set(map(_PX, trades)).difference(_VALID_DECIMALS)
+    new_inst = set(map(_INST, trades)).difference(_VALID_INST_IDS)
+    clean = all(map(is_positive_decimal, new_px)) and all(map(is_inst_id, new_inst))
+    clean = clean and all(map(is_positive_decimal, set(map(_SZ, trades))))
+    if clean:
+        for text in new_px:
+            _remember(_VALID_DECIMALS, text)
+        for text in new_inst:
+            _remember(_VALID_INST_IDS, text)
+        return {}
+    problems = {}
+    for i, trade in enumerate(trades):
+        problem = trade_problem(trade)
+        if problem is not None:
+            problems[i] = problem
+    return problems
+
+
+def decode_trade(data: bytes | str) -> Trade:
+    """One ``okx.trades`` value as a checked Trade; ``msgspec.ValidationError`` (or
+    ``msgspec.DecodeError`` for broken JSON) says what is wrong and where."""
+    trade = _trade_decoder.decode(data)
+    problem = trade_problem(trade)
+    if problem is not None:
+        raise msgspec.ValidationError(problem)
+    return trade
+
+
+def decode_trades(values: Iterable[bytes]) -> tuple[list[Trade], list[tuple[int, str]]]:
+    """A batch of ``okx.trades`` values: the checked trades (in order), and ``(index, reason)``
+    of every value that is not one. The hot path of the candle dataflow: one typed decode per
+    value, then :func:`trade_problems` over the batch."""
+    decode = _trade_decoder.decode
+    trades: list[Trade] = []
+    where: list[int] = []  # the value index of each decoded trade, built only after a failure
+    bad: list[tuple[int, str]] = []
+    for i, value in enumerate(values):
+        try:
+            trade = decode(value)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            if not bad:
+                where = list(range(len(trades)))
+            bad.append((i, str(exc)))
+            continue
+        trades.append(trade)
+        if bad:
+            where.append(i)
+    problems = trade_problems(trades)
+    if problems:
+        if not bad:
+            where = list(range(len(trades)))
+        bad.extend((where[i], reason) for i, reason in problems.items())
+        bad.sort()
+        trades = [trade for i, trade in enumerate(trades) if i not in problems]
+    return trades, bad

@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcp.schemas import DeadLetter, Trade, decode_dead_letter, decode_trade, encode, is_positive_decimal
+from tcp.schemas import (
+    DeadLetter,
+    Trade,
+    check_trade,
+    decode_dead_letter,
+    decode_trade,
+    decode_trades,
+    encode,
+    is_positive_decimal,
+    trade_problems,
+)
 
 GOOD = {
     "inst_id": "BTC-USDT",
@@ -75,3 +85,38 @@ def test_positive_decimal_check_agrees_with_decimal(text: str) -> None:
 def test_dead_letter_keeps_any_bytes(raw: bytes) -> None:
     letter = DeadLetter.of(raw, reason="bad JSON", where="test", at=1)
     assert decode_dead_letter(encode(letter)).raw_bytes() == raw
+
+
+def test_decode_trades_keeps_the_good_and_names_each_bad_value_by_index() -> None:
+    good = [encode({**GOOD, "trade_id": i}) for i in range(5)]
+    values = [
+        good[0],
+        b"{not json",
+        good[1],
+        encode({**GOOD, "px": "-1"}),  # typed fine, breaks the string rules
+        good[2],
+        encode({**GOOD, "inst_id": "btc-usdt"}),
+        good[3],
+        encode({**GOOD, "ts": 0}),
+        good[4],
+    ]
+    trades, bad = decode_trades(values)
+    assert [t.trade_id for t in trades] == [0, 1, 2, 3, 4]
+    assert [i for i, _ in bad] == [1, 3, 5, 7]
+    reasons = dict(bad)
+    assert "px: '-1' is not a positive decimal" in reasons[3]
+    assert "inst_id: 'btc-usdt'" in reasons[5] and "ts" in reasons[7]
+
+
+def test_trade_problems_checks_every_distinct_string_once_per_batch() -> None:
+    clean = [Trade(**{**GOOD, "trade_id": i, "sz": f"0.{i + 1}"}) for i in range(50)]  # type: ignore[arg-type]
+    assert trade_problems(clean) == {}
+    dirty = [*clean, Trade(**{**GOOD, "sz": "0.000"}), Trade(**{**GOOD, "px": "1e5"})]  # type: ignore[arg-type]
+    assert trade_problems(dirty) == {
+        50: "sz: '0.000' is not a positive decimal",
+        51: "px: '1e5' is not a positive decimal",
+    }
+    # The constructor checks nothing (as with every msgspec Struct); check_trade does.
+    with pytest.raises(ValueError, match="sz: '0.000'"):
+        check_trade(dirty[50])
+    assert check_trade(clean[0]) is clean[0]

@@ -47,6 +47,7 @@ from tcp.schemas import (
     Trade,
     is_inst_id,
     is_positive_decimal,
+    trade_problem,
 )
 
 __all__ = [
@@ -144,23 +145,20 @@ def _from_wire(wire: _WireTrade, origin: Origin, received_at: int) -> Trade | No
         return None
     if not MIN_TS_MS <= ts < MAX_TS_MS or count < 1:
         return None
-    try:
-        # Trade.__post_init__ checks px, sz and inst_id.
-        return Trade(
-            inst_id=wire.inst_id,
-            trade_id=trade_id,
-            px=wire.px,
-            sz=wire.sz,
-            side=wire.side,
-            ts=ts,
-            origin=origin,
-            received_at=received_at,
-            count=count,
-            source=source,
-            seq_id=wire.seq_id,
-        )
-    except ValueError:
-        return None
+    trade = Trade(
+        inst_id=wire.inst_id,
+        trade_id=trade_id,
+        px=wire.px,
+        sz=wire.sz,
+        side=wire.side,
+        ts=ts,
+        origin=origin,
+        received_at=received_at,
+        count=count,
+        source=source,
+        seq_id=wire.seq_id,
+    )
+    return trade if trade_problem(trade) is None else None
 
 
 def _fast_items(
