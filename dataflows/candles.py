@@ -15,7 +15,8 @@ Steps (each a small function below):
    candles at most once per second per instrument and timeframe, and late trades.
 4. Outputs: final candles to Kafka ``candles`` and PostgreSQL ``candles`` (idempotent upserts),
    forming ones to ``candles.live``, late trades to ``okx.trades.late``, dead letters to
-   ``okx.trades.dlq``, and (``archive_trades``, on by default) every trade to PostgreSQL ``trades``.
+   ``okx.trades.dlq``. (The raw trades go to PostgreSQL ``trades`` through a dataflow of their
+   own, dataflows.archive, run beside this one.)
 
 State: each instrument's InstrumentCandles is snapshotted (a deep copy) at every epoch, with
 the Kafka offsets, when recovery is on; outputs are at-least-once, so every sink is idempotent.
@@ -31,17 +32,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import bytewax.operators as op
-import msgspec
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulLogic
 
 from dataflows.candle_core import Candle, Emitted, InstrumentCandles, LateTrade, encode_candle
-from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, RawMessage
+from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, MessageBatch
 from sinks.bytewax_pg import PostgresSink, Row
 from sinks.postgres import Upsert
 from tcp import topics
 from tcp.config import Settings
-from tcp.schemas import DeadLetter, Trade, decode_trade, encode
+from tcp.schemas import DeadLetter, Trade, decode_trades, encode
 
 __all__ = [
     "CandleLogic",
@@ -50,7 +50,6 @@ __all__ = [
     "build_flow",
     "candle_row",
     "decode",
-    "trade_rows",
 ]  # and `flow`, lazily
 
 log = logging.getLogger(__name__)
@@ -67,11 +66,6 @@ CANDLE_COLUMNS = (
     "quote_volume", "trade_count", "vwap", "first_trade_id", "last_trade_id", "revision",
 )  # fmt: skip
 CANDLES_UPSERT = Upsert("candles", CANDLE_COLUMNS, ("inst_id", "timeframe", "ts_close"), newer="revision")
-TRADE_COLUMNS = (
-    "inst_id", "trade_id", "ts", "px", "sz", "side", "count", "source", "seq_id", "origin", "received_at",
-)  # fmt: skip
-# A trade never changes: the first write wins, a replayed one does nothing.
-TRADES_UPSERT = Upsert("trades", TRADE_COLUMNS, ("inst_id", "trade_id", "ts"), update=False)
 
 
 @dataclass(frozen=True)
@@ -107,23 +101,22 @@ class Decoded:
     dead: list[DeadLetter]
 
 
-def decode(topic: str, batch: list[RawMessage]) -> Decoded:
-    """Typed decoding of a batch of ``okx.trades`` values; failures become dead letters."""
+def decode(topic: str, batch: MessageBatch) -> Decoded:
+    """Typed decoding and checking of a batch of ``okx.trades`` values; failures become dead letters."""
+    trades, bad = decode_trades(batch.values)
     by_instrument: dict[str, list[Trade]] = {}
-    dead: list[DeadLetter] = []
-    for value, partition, offset in batch:
-        try:
-            trade = decode_trade(value)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            where = f"{topic}[{partition}]@{offset}"
-            dead.append(DeadLetter.of(value or b"", reason=str(exc), where=where, at=_now_ms()))
-            continue
-        trades = by_instrument.get(trade.inst_id)
-        if trades is None:
+    for trade in trades:
+        group = by_instrument.get(trade.inst_id)
+        if group is None:
             by_instrument[trade.inst_id] = [trade]
         else:
-            trades.append(trade)
-    if dead:
+            group.append(trade)
+    dead: list[DeadLetter] = []
+    if bad:
+        at = _now_ms()
+        for i, reason in bad:
+            where = f"{topic}[{batch.partition}]@{batch.offsets[i]}"
+            dead.append(DeadLetter.of(batch.values[i], reason=reason, where=where, at=at))
         log.warning("%d message(s) from %s could not be decoded: dead-lettered", len(dead), topic)
     return Decoded(by_instrument, dead)
 
@@ -241,17 +234,6 @@ def candle_row(candle: Candle) -> tuple[Any, ...]:
     )
 
 
-def trade_rows(decoded: Decoded) -> list[Row]:
-    """The ``trades`` table rows of a decoded batch (numerics as exact strings)."""
-    epoch, ms = _EPOCH, timedelta(milliseconds=1)
-    return [
-        (t.inst_id, t.trade_id, epoch + t.ts * ms, t.px, t.sz, t.side, t.count, t.source, t.seq_id, t.origin,
-         epoch + t.received_at * ms)
-        for trades in decoded.by_instrument.values()
-        for t in trades
-    ]  # fmt: skip
-
-
 def _kafka_item(settings: Settings, output: Output) -> KafkaItem:
     kind, item = output
     if kind == "late":
@@ -288,9 +270,6 @@ def build_flow(settings: Settings, *, tail: bool = True, write_postgres: bool = 
             "final_rows", outputs_only, lambda o: [candle_row(o[1])] if o[0] == "final" else None
         )
         op.output("candles_pg", finals, PostgresSink(dsn, CANDLES_UPSERT))
-        if settings.archive_trades:
-            rows: Stream[list[Row]] = op.filter_map("trade_rows", decoded, lambda d: trade_rows(d) or None)
-            op.output("trades_pg", rows, PostgresSink(dsn, TRADES_UPSERT))
     return flow
 
 
@@ -302,12 +281,6 @@ def __getattr__(name: str) -> Dataflow:
     """``dataflows.candles:flow`` for ``python -m bytewax.run``: built on first access, from TCP_*."""
     if name != "flow":
         raise AttributeError(name)
-    from tcp import services
-    from tcp.topics import ensure_topics
+    from dataflows.entry import flow_from_env
 
-    settings = services.ensure(Settings.load(), ("kafka", "postgres"))
-    ensure_topics(settings)
-    from sinks.migrate import apply_migrations
-
-    apply_migrations(settings.postgres_dsn.get_secret_value())
-    return build_flow(settings)
+    return flow_from_env(build_flow)

@@ -2,7 +2,7 @@
 
 Input: :class:`KafkaBatchSource` works like Bytewax's ``KafkaSource`` (one input partition per
 Kafka partition, the next offset as recovery state, the same ``tail`` semantics) but emits each
-consumed batch as ONE item: a list of ``(value, partition, offset)``. Bytewax's per-item cost is paid once per
+consumed batch as ONE item: a :class:`MessageBatch` (partition, values, offsets). Bytewax's per-item cost is paid once per
 batch instead of once per message, and no ``KafkaSourceMessage`` is built per message: measured
 in BENCHMARKS.md. It also refuses to skip data or wait for offsets that will never come: the
 recovery state of a partition is its next offset AND the id of the topic it was read from
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,15 +40,22 @@ __all__ = [
     "KafkaBatchSource",
     "KafkaProduceSink",
     "PartitionState",
-    "RawMessage",
+    "MessageBatch",
     "TopicResetError",
     "topic_id",
 ]
 
 log = logging.getLogger(__name__)
 
-#: One consumed message: its value, partition and offset.
-RawMessage = tuple[bytes, int, int]
+
+@dataclass(frozen=True, slots=True)
+class MessageBatch:
+    """What one poll of one partition returned: the values and their offsets, in order."""
+
+    partition: int
+    values: list[bytes]
+    offsets: list[int]
+
 
 #: What a partition snapshots: the next offset to read, and the id of the topic it was read
 #: from (None: the broker reports no topic ids). Snapshots written before the id was kept hold
@@ -90,7 +98,7 @@ def topic_id(admin: AdminClient, topic: str, *, timeout: float = 10.0) -> str | 
     return str(uuid)
 
 
-class _BatchPartition(StatefulSourcePartition[list[RawMessage], _Resume]):
+class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
     def __init__(
         self,
         config: dict[str, Any],
@@ -109,35 +117,43 @@ class _BatchPartition(StatefulSourcePartition[list[RawMessage], _Resume]):
         self._eof = False
         self._awake: datetime | None = None
 
-    def next_batch(self) -> list[list[RawMessage]]:
+    def next_batch(self) -> list[MessageBatch]:
         if self._eof:
             raise StopIteration
         # Never block here: one worker polls every partition in turn, and a blocking wait on an
         # idle partition delays the others (it cost ~50 ms of p50 latency at live rates).
         msgs = self._consumer.consume(self._batch_size, 0)
         self._awake = None
-        batch: list[RawMessage] = []
-        for msg in msgs:
-            error = msg.error()
-            if error is not None:
-                if error.code() == _EOF:
-                    self._eof = True
-                    break
-                if error.code() == _OFFSET_RESET or error.code() == ConfluentKafkaError.OFFSET_OUT_OF_RANGE:
-                    text = (
-                        f"{self._topic}[{self._part}]: the saved offset {self._offset} is out of range "
-                        f"({error.str()}): the topic was reset under the dataflow (deleted and re-created), "
-                        f"or retention deleted messages before they were read. {_FIX}"
-                    )
-                    raise TopicResetError(text)
-                text = f"error consuming {self._topic}[{self._part}]: {error.str()}"
-                raise RuntimeError(text)
-            batch.append((msg.value() or b"", self._part, msg.offset() or 0))
-        if not batch:
+        if not msgs:
             self._awake = datetime.now(tz=UTC) + _IDLE_POLL  # nothing now: look again shortly
             return []
-        self._offset = batch[-1][2] + 1
+        failed = [msg for msg in msgs if msg.error() is not None]
+        if failed:
+            msgs = msgs[: msgs.index(failed[0])]
+            self._failed(failed[0].error())  # type: ignore[arg-type]  # not None: filtered above
+            if not msgs:
+                return []
+        # Values and offsets as two lists (C-level loops), not a tuple per message.
+        values = [msg.value() or b"" for msg in msgs]
+        offsets: list[int] = [msg.offset() for msg in msgs]  # type: ignore[misc]  # never None here
+        batch = MessageBatch(self._part, values, offsets)
+        self._offset = batch.offsets[-1] + 1
         return [batch]
+
+    def _failed(self, error: ConfluentKafkaError) -> None:
+        """End of the partition (finite input), or an error that stops the dataflow."""
+        if error.code() == _EOF:
+            self._eof = True
+            return
+        if error.code() == _OFFSET_RESET or error.code() == ConfluentKafkaError.OFFSET_OUT_OF_RANGE:
+            text = (
+                f"{self._topic}[{self._part}]: the saved offset {self._offset} is out of range "
+                f"({error.str()}): the topic was reset under the dataflow (deleted and re-created), "
+                f"or retention deleted messages before they were read. {_FIX}"
+            )
+            raise TopicResetError(text)
+        text = f"error consuming {self._topic}[{self._part}]: {error.str()}"
+        raise RuntimeError(text)
 
     def next_awake(self) -> datetime | None:
         return self._awake
@@ -149,8 +165,8 @@ class _BatchPartition(StatefulSourcePartition[list[RawMessage], _Resume]):
         self._consumer.close()
 
 
-class KafkaBatchSource(FixedPartitionedSource[list[RawMessage], _Resume]):
-    """One topic as a Bytewax input: one list of ``(value, partition, offset)`` per consumed batch.
+class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
+    """One topic as a Bytewax input: one :class:`MessageBatch` per consumed batch.
 
     ``tail=False`` ends the input at the end of every partition (replays, backfills, tests).
     On resume, raises :class:`TopicResetError` if the topic is not the one the snapshot read.

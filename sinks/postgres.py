@@ -33,8 +33,9 @@ class Upsert:
     """How rows of one table are merged.
 
     ``newer`` names a column (e.g. ``revision``): a conflicting row replaces the stored one only
-    when its value is greater. ``newer=None`` with ``update=False`` keeps the first row written
-    (``DO NOTHING``), right for immutable facts such as trades.
+    when its value is greater. ``newer=None`` with ``update=True``: the last row written wins
+    (within one batch too: the writer keeps the last row of each key). ``update=False`` keeps
+    the first row written (``DO NOTHING``), right for immutable facts such as trades.
     """
 
     table: str
@@ -48,6 +49,14 @@ class Upsert:
         if missing:
             msg = f"Upsert for {self.table!r}: key/newer columns {missing} are not among the columns"
             raise ValueError(msg)
+
+    def last_per_key(self, rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+        """``rows`` with only the last row of each key (in their order) when the last one wins."""
+        if not self.update or self.newer is not None:
+            return rows
+        at = [self.columns.index(k) for k in self.key]
+        last = {tuple(row[i] for i in at): row for row in rows}
+        return rows if len(last) == len(rows) else list(last.values())
 
     def _stage(self) -> sql.Identifier:
         return sql.Identifier(f"_stage_{self.table}")
@@ -118,6 +127,7 @@ class PostgresWriter:
         """Upsert ``rows``; returns once they are committed. Retries while the database is down."""
         if not rows:
             return
+        rows = self._upsert.last_per_key(rows)
         delay = self._retry_initial_s
         started = time.monotonic()
         while True:

@@ -3,7 +3,9 @@
     tcp services up|down|status
     tcp ingest okx | replay FILE [--speed N|max] | simulate [...]
     tcp candles run [-w N] [-i I -a ADDRS] [--exit-at-end] | build --input FILE --output OUT.parquet
+    tcp archive run [-w N] [-i I -a ADDRS] [--exit-at-end]
     tcp dlq [--limit N]
+    tcp export candles|signals|bot-trades|bot-performance --out FILE.parquet [filters]
     tcp demo
 
 The environment is read once, here (``Settings.load``); everything below gets the settings.
@@ -25,6 +27,8 @@ from tcp import services
 from tcp.config import Settings
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, per command
+    from bytewax.dataflow import Dataflow
+
     from connectors.base import TradeSource
     from connectors.ingest import IngestStats
 
@@ -179,29 +183,41 @@ def _candles_build(args: argparse.Namespace, settings: Settings) -> int:
 
 def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
     """The streaming candle dataflow, with Bytewax recovery on (unless --no-recovery)."""
+    from dataflows.candles import build_flow
+    from dataflows.entry import prepare
+
+    settings = prepare(settings)
+    return _run_dataflow("candles", build_flow(settings, tail=not args.exit_at_end), args, settings)
+
+
+def _cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
+    """The trade archive dataflow (okx.trades -> PostgreSQL trades), recovery on."""
+    from dataflows.archive import build_flow
+    from dataflows.entry import prepare
+
+    settings = prepare(settings)
+    return _run_dataflow("archive", build_flow(settings, tail=not args.exit_at_end), args, settings)
+
+
+def _run_dataflow(name: str, flow: Dataflow, args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``flow`` as this process of a Bytewax cluster (``-w``, ``-i``, ``-a``), with recovery
+    in ``<recovery_dir>/<name>`` unless ``--no-recovery``. Returns the exit code."""
     from datetime import timedelta
 
     from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
-    from dataflows.candles import build_flow
     from dataflows.kafka_io import TopicResetError
-    from sinks.migrate import apply_migrations
-    from tcp.topics import ensure_topics
 
-    settings = services.ensure(settings, ("kafka", "postgres"))
-    ensure_topics(settings)
-    apply_migrations(settings.postgres_dsn.get_secret_value())
-    flow = build_flow(settings, tail=not args.exit_at_end)
     addresses = args.addresses.split(",") if args.addresses else None
     recovery = None
     directory = None
     if not args.no_recovery:
-        directory = settings.recovery_dir or settings.home.resolve() / "recovery" / "candles"
+        directory = (settings.recovery_dir or settings.home.resolve() / "recovery") / name
         # One recovery partition per worker in the cluster is Bytewax's usual layout.
         _init_recovery_dir(directory, args.workers * (len(addresses) if addresses else 1))
         recovery = RecoveryConfig(str(directory))
-        log.info("recovery in %s, snapshot every %.1f s", directory, settings.snapshot_interval_s)
+        log.info("%s: recovery in %s, snapshot every %.1f s", name, directory, settings.snapshot_interval_s)
     try:
         cli_main(
             flow,
@@ -323,6 +339,9 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         workers=1, process_id=None, addresses=None, exit_at_end=True, no_recovery=True
     )
     _candles_run(run_args, ready)
+    if ready.archive_trades:
+        print("   ... and the trade archive dataflow (okx.trades -> PostgreSQL trades)")
+        _cmd_archive(run_args, ready)
     print(f"   done in {time.monotonic() - started:.1f} s")
     dsn = ready.postgres_dsn.get_secret_value()
     with psycopg.connect(dsn) as conn:
@@ -350,6 +369,19 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _dataflow_options(q: argparse.ArgumentParser) -> None:
+    """The options of every dataflow command: cluster layout, end of input, recovery."""
+    q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
+    q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
+    q.add_argument("-a", "--addresses", help="comma-separated host:port of every process in the cluster")
+    q.add_argument(
+        "--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)"
+    )
+    q.add_argument(
+        "--no-recovery", action="store_true", help="do not snapshot state (restarts from the start)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,15 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("candles", help="build candles: streaming from Kafka (run) or from a file (build)")
     candles = p.add_subparsers(dest="action", required=True)
     q = candles.add_parser("run", help="the candle dataflow: okx.trades -> candles (Kafka, PostgreSQL)")
-    q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
-    q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
-    q.add_argument("-a", "--addresses", help="comma-separated host:port of every process in the cluster")
-    q.add_argument(
-        "--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)"
-    )
-    q.add_argument(
-        "--no-recovery", action="store_true", help="do not snapshot state (restarts from the start)"
-    )
+    _dataflow_options(q)
     q = candles.add_parser("build", help="batch mode: candles from a trades file into Parquet, no services")
     q.add_argument("--input", required=True, help="OKX WebSocket frames (JSON lines) or an OKX trade CSV")
     q.add_argument("--output", required=True, help="the Parquet file to write")
@@ -407,9 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--empty", choices=("flat", "skip"), default="flat", help="intervals without trades")
     p.set_defaults(func=_cmd_candles)
 
+    p = sub.add_parser("archive", help="archive raw trades: okx.trades -> PostgreSQL table trades")
+    archive = p.add_subparsers(dest="action", required=True)
+    _dataflow_options(archive.add_parser("run", help="the trade archive dataflow"))
+    p.set_defaults(func=_cmd_archive)
+
     p = sub.add_parser("dlq", help="show dead letters (okx.trades.dlq) with their reasons")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_cmd_dlq)
+
+    from backtest.cli import register as register_export
+
+    register_export(sub)
 
     p = sub.add_parser("demo", help="start what is missing and run the demo end to end")
     p.set_defaults(func=_cmd_demo)

@@ -95,10 +95,20 @@ class Settings(BaseSettings):
     candle_empty: Literal["flat", "skip"] = "flat"
     candle_late_policy: Literal["revise", "drop-to-late-topic-only"] = "revise"
     candle_live_every_ms: Annotated[int, Field(ge=100)] = 1_000
-    # Archive every raw trade in PostgreSQL table `trades` (for research and exports).
+    # Archive every raw trade in PostgreSQL table `trades` (for research and exports): `tcp run`
+    # and the demo run the archive dataflow (`tcp archive run`) beside the candle dataflow.
     archive_trades: bool = True
 
-    # Bytewax recovery: snapshots of operator state and input offsets. Empty: <home>/recovery.
+    # Bots (docs/bots.md): a running bot reports itself alive this often; the supervisor marks
+    # it stale after `bot_stale_after_s` without a heartbeat, and restarts a failed bot at most
+    # `bot_restart_max` times per `bot_restart_window_s`.
+    bot_heartbeat_s: Annotated[float, Field(ge=0.1)] = 5.0
+    bot_stale_after_s: Annotated[float, Field(gt=0)] = 30.0
+    bot_restart_max: Annotated[int, Field(ge=0)] = 3
+    bot_restart_window_s: Annotated[float, Field(gt=0)] = 3600.0
+
+    # Bytewax recovery: snapshots of operator state and input offsets, one subdirectory per
+    # dataflow (<dir>/candles, <dir>/archive, ...). Empty: <home>/recovery.
     recovery_dir: Path | None = None
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
 

@@ -9,7 +9,17 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from tcp.config import Settings
 
-__all__ = ["ALL_TOPICS", "CANDLES", "CANDLES_LIVE", "DLQ", "LATE", "TRADES", "ensure_topics"]
+__all__ = [
+    "ALL_TOPICS",
+    "BOTS_COMMANDS",
+    "BOTS_EVENTS",
+    "CANDLES",
+    "CANDLES_LIVE",
+    "DLQ",
+    "LATE",
+    "TRADES",
+    "ensure_topics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +28,10 @@ DLQ = "okx.trades.dlq"  # value = DeadLetter JSON
 LATE = "okx.trades.late"  # value = LateTrade JSON (the trade and the candle it belonged to)
 CANDLES = "candles"  # key = inst_id|timeframe, value = Candle JSON (final candles only)
 CANDLES_LIVE = "candles.live"  # key = inst_id|timeframe, value = Candle JSON (forming, throttled)
+BOTS_COMMANDS = "bots.commands"  # key = bot name, value = Command JSON (bots/lifecycle.py)
+BOTS_EVENTS = "bots.events"  # key = bot name, value = BotEvent JSON: what became of each command
 
-ALL_TOPICS = (TRADES, DLQ, LATE, CANDLES, CANDLES_LIVE)
+ALL_TOPICS = (TRADES, DLQ, LATE, CANDLES, CANDLES_LIVE, BOTS_COMMANDS, BOTS_EVENTS)
 
 
 def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS, *, timeout: float = 15.0) -> None:

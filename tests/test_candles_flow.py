@@ -38,6 +38,7 @@ from bytewax.testing import cluster_main, run_main
 from confluent_kafka import Message
 from pydantic import SecretStr
 
+from dataflows import archive
 from dataflows.candle_core import Candle, LateTrade, decode_candle, decode_late_trade
 from dataflows.candles import build_flow, candle_row
 from sinks.kafka import KafkaProducer
@@ -263,6 +264,7 @@ def test_million_trades_stream_into_the_reference_candles(settings: Settings, da
     produce_trades(s, trades)
     produced = time.monotonic()
     run_main(build_flow(s, tail=False))
+    run_main(archive.build_flow(s, tail=False))  # the trade archive, a dataflow of its own
     flowed = time.monotonic()
 
     want = expected(reference_candles(trades, ALL))
@@ -352,10 +354,11 @@ def test_same_candles_for_1_worker_3_workers_and_2_processes_of_2(
     for name, got in results.items():
         assert_same(got, want, f"candles with {name}")
     assert results["1 worker"] == results["3 workers"] == results["2x2"]
+    # The archive dataflow with 3 workers: every distinct trade once.
+    cluster_main(archive.build_flow(with_db(s, one), tail=False), [], 0, worker_count_per_proc=3)
     distinct = len({(t.inst_id, t.trade_id) for t in trades})
-    for dsn in (one, three, four):
-        with psycopg.connect(dsn) as conn:
-            assert conn.execute("SELECT count(*) FROM trades").fetchone() == (distinct,)
+    with psycopg.connect(one) as conn:
+        assert conn.execute("SELECT count(*) FROM trades").fetchone() == (distinct,)
     print("\nworker runs:", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
@@ -380,6 +383,7 @@ def test_a_trade_after_its_candle_is_final_goes_to_the_late_topic(
     again = _trade(2, 20_000, "101")  # a late re-delivery of a counted trade
     produce_trades(s, [*on_time, late, again])
     run_main(build_flow(s, tail=False))
+    run_main(archive.build_flow(s, tail=False))
 
     reports = [decode_late_trade(m.value() or b"") for m in read_topic(s, topics.LATE, expect=1)]
     assert len(reports) == 1  # the re-delivered duplicate is dropped, not reported
@@ -407,7 +411,7 @@ def test_a_trade_after_its_candle_is_final_goes_to_the_late_topic(
     )
     assert_same(latest(versions), got, "candles topic")
 
-    # The archive keeps every distinct trade, the late one too.
+    # The archive keeps every distinct trade, the late one too (and the duplicate once).
     with psycopg.connect(database) as conn:
         ids = sorted(r[0] for r in conn.execute("SELECT trade_id FROM trades").fetchall())
     assert ids == [1, 2, 3, 4]
@@ -468,8 +472,11 @@ def test_bad_messages_go_to_the_dlq_and_the_flow_goes_on(settings: Settings, dat
         assert abs(letter.at - now_ms()) < 120_000
 
     assert_same(db_rows(database), expected(reference_candles(good, s.timeframes)))
+    # The archive dataflow over the same topic skips the bad values (the DLQ has them once).
+    run_main(archive.build_flow(s, tail=False))
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM trades").fetchone() == (len(good),)
+    assert len(read_topic(s, topics.DLQ, idle_s=1.0)) == len(bad)
 
 
 # --------------------------------------------------------------------------------------------

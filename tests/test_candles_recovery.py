@@ -81,13 +81,14 @@ def _env(settings: Settings, home: Path, dsn: str, recovery: Path | None = None)
 
 
 class _Run:
-    """One `tcp candles run` subprocess; its output goes to a file (a pipe could fill and block it)."""
+    """One `tcp candles run` (or `tcp archive run`) subprocess; its output goes to a file (a pipe
+    could fill and block it)."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *args: str, flow: str = "candles") -> None:
         self.log = log
         self._out = open(log, "wb")  # noqa: SIM115  # closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tcp.cli", "candles", "run", *args],
+            [sys.executable, "-m", "tcp.cli", flow, "run", *args],
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -115,8 +116,10 @@ class _Run:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _run(env: dict[str, str], log: Path, *args: str, timeout: float = 60) -> tuple[int, str]:
-    run = _Run(env, log, *args)
+def _run(
+    env: dict[str, str], log: Path, *args: str, timeout: float = 60, flow: str = "candles"
+) -> tuple[int, str]:
+    run = _Run(env, log, *args, flow=flow)
     code = run.wait(timeout)
     return code, run.output()
 
@@ -124,7 +127,7 @@ def _run(env: dict[str, str], log: Path, *args: str, timeout: float = 60) -> tup
 def _saved_offsets(recovery: Path) -> dict[str, int]:
     """The next offset per Kafka partition in the newest snapshot of the recovery store."""
     newest: dict[str, tuple[int, int]] = {}
-    for part in recovery.glob("part-*.sqlite3"):
+    for part in (recovery / "candles").glob("part-*.sqlite3"):
         with sqlite3.connect(part) as conn:
             rows = conn.execute(
                 "SELECT state_key, snap_epoch, ser_change FROM snaps WHERE step_id = 'candles.trades_in'"
@@ -326,38 +329,54 @@ def test_sigkill_at_random_points_ends_identical_to_an_uninterrupted_run(
     producer = threading.Thread(target=_stream, args=(settings, trades, done, errors), daemon=True)
     producer.start()
     kills: list[str] = []
-    run: _Run | None = None
+    runs: list[_Run] = []
     try:
         # Kill at random moments while the trades stream in, then once more after they are all
-        # sent (it may still be catching up), and at least MIN_KILLS times in all.
+        # sent (it may still be catching up), and at least MIN_KILLS times in all. The trade
+        # archive dataflow runs beside the candle one and is killed at moments of its own.
         while not done.is_set() or len(kills) < MIN_KILLS:
             workers = rng.choice(("1", "2"))  # resumes may change the number of workers
-            run = _Run(env, tmp_path / f"run-{len(kills)}.log", "-w", workers)
-            uptime = rng.uniform(1.5, 4.5)
-            while time.monotonic() - run.started < uptime and run.proc.poll() is None:
-                time.sleep(0.05)
-            assert run.proc.poll() is None, f"the dataflow stopped by itself:\n{run.output()}"
-            run.kill()
+            n = len(kills)
+            runs = [
+                _Run(env, tmp_path / f"run-{n}.log", "-w", workers),
+                _Run(env, tmp_path / f"archive-{n}.log", "-w", rng.choice(("1", "2")), flow="archive"),
+            ]
+            uptimes = [rng.uniform(1.5, 4.5), rng.uniform(1.5, 4.5)]
+            for run, uptime in sorted(zip(runs, uptimes, strict=True), key=lambda ru: ru[1]):
+                while time.monotonic() - run.started < uptime and run.proc.poll() is None:
+                    time.sleep(0.05)
+                assert run.proc.poll() is None, f"the dataflow stopped by itself:\n{run.output()}"
+                run.kill()
             offsets = _saved_offsets(recovery)
-            kills.append(f"-w {workers} killed after {uptime:.1f} s, snapshot had read {_read(offsets)}")
-            run = None
+            kills.append(
+                f"-w {workers} killed after {uptimes[0]:.1f} s (archive after {uptimes[1]:.1f} s), "
+                f"snapshot had read {_read(offsets)}"
+            )
+            runs = []
             time.sleep(rng.uniform(0.0, 0.5))  # lies dead a moment: trades pile up in Kafka
         producer.join(30)
         assert not errors, errors
         before_last = _saved_offsets(recovery)
         ((last_started,),) = _rows(database, "SELECT now()")
-        # The last run drains the topic and closes every window at its end (resumed, tail=False).
+        # The last runs drain the topic and close every window at its end (resumed, tail=False).
         code, output = _run(env, tmp_path / "final.log", "--exit-at-end", "-w", "2")
         assert code == 0, output
+        code, output = _run(env, tmp_path / "archive-final.log", "--exit-at-end", flow="archive")
+        assert code == 0, output
     finally:
-        if run is not None and run.proc.poll() is None:
-            run.kill()
+        for run in runs:
+            if run.proc.poll() is None:
+                run.kill()
     candles_topic = read_topic(settings, "candles", idle_s=1.0)
 
     # The reference: one uninterrupted run over the same topic into another database.
     reference_env = _env(settings, tmp_path / "home-ref", second_database)
     code, output = _run(
         reference_env, tmp_path / "reference.log", "--exit-at-end", "--no-recovery", "-w", "2"
+    )
+    assert code == 0, output
+    code, output = _run(
+        reference_env, tmp_path / "reference-archive.log", "--exit-at-end", "--no-recovery", flow="archive"
     )
     assert code == 0, output
 
@@ -444,6 +463,8 @@ def test_a_topic_reset_under_the_dataflow_stops_it_loudly(
         assert code == 0, output
         saved = _saved_offsets(recovery)
         assert _read(saved) == 300, saved
+        first_candles = _rows(database, CANDLES_QUERY)
+        assert first_candles
 
         # The broker restarts: Tansu keeps topics in memory, they come back empty.
         services.stop(kafka, ("kafka",))
@@ -464,13 +485,18 @@ def test_a_topic_reset_under_the_dataflow_stops_it_loudly(
         code, output = _run(env, tmp_path / "grown.log", "--exit-at-end", timeout=45)
         assert code == 2, output
         assert "the topic was reset" in output, output
-        assert _rows(database, "SELECT count(*) FROM trades") == [(300,)]  # nothing mixed in
+        assert _rows(database, CANDLES_QUERY) == first_candles  # nothing mixed in
 
         # What the message says to do works: a fresh recovery directory starts over.
         fresh = _env(kafka, home, database, tmp_path / "recovery-2")
         code, output = _run(fresh, tmp_path / "fresh.log", "--exit-at-end")
         assert code == 0, output
-        assert _rows(database, "SELECT count(*) FROM trades") == [(3300,)]
+        ((newest_id,),) = _rows(database, "SELECT max(last_trade_id) FROM candles")
+        assert newest_id == 100_000 + 3000 - 1  # the new topic's trades made it into candles
+        # ... and the archive dataflow (its own recovery store) archives the new topic's trades.
+        code, output = _run(fresh, tmp_path / "fresh-archive.log", "--exit-at-end", flow="archive")
+        assert code == 0, output
+        assert _rows(database, "SELECT count(*) FROM trades") == [(3000,)]
     finally:
         services.stop(base, ("kafka",))
 
