@@ -404,7 +404,10 @@ def throughput_rows(settings: Settings, n: int | None = None, repeat: int = 2) -
         for _ in range(repeat - 1):
             ours = max(ours, once(build_flow(s, tail=False, write_postgres=True)))
         rates["ours"] = ours
-        print(f"  candles: ours {ours:,.0f} trades/s, Bytewax windowing {rates['base']:,.0f} trades/s", flush=True)
+        print(
+            f"  candles: ours {ours:,.0f} trades/s, Bytewax windowing {rates['base']:,.0f} trades/s",
+            flush=True,
+        )
         rates["archive"] = once(archive.build_flow(s, tail=False), candles=False, archived=True)
         rates["base_archive"] = once(windowing_flow(s, tail=False, archive=True), archived=True)
         print(

@@ -4,8 +4,10 @@
     tcp ingest okx | replay FILE [--speed N|max] | simulate [...]
     tcp candles run [-w N] [-i I -a ADDRS] [--exit-at-end] | build --input FILE --output OUT.parquet
     tcp archive run [-w N] [-i I -a ADDRS] [--exit-at-end]
+    tcp bots run [--bots FILE] | create FILE [--start] | start|pause|resume|stop NAME.. | update | list | supervise
     tcp dlq [--limit N]
     tcp export candles|signals|bot-trades|bot-performance --out FILE.parquet [filters]
+    tcp run [--input FILE [--speed N|max]] [--bots FILE.json] [--exit-at-end]
     tcp demo
 
 The environment is read once, here (``Settings.load``); everything below gets the settings.
@@ -113,17 +115,26 @@ def _ingest(settings: Settings, source_factory: Callable[[Settings], TradeSource
     return 0
 
 
+def ingest_okx(settings: Settings, instruments: Sequence[str]) -> int:
+    """Live OKX trades into Kafka until Ctrl-C."""
+    from connectors.okx import OkxTradeSource
+
+    return _ingest(settings, lambda s: OkxTradeSource.from_settings(s, instruments=tuple(instruments)), "okx")
+
+
+def ingest_replay(settings: Settings, path: Path, speed: str) -> int:
+    """A recorded file into Kafka at ``speed`` ("max" or a factor of real time)."""
+    from connectors.replay import ReplaySource
+
+    factor = None if speed == "max" else float(speed)
+    return _ingest(settings, lambda s: ReplaySource(Path(path), speed=factor), f"replay {path}")
+
+
 def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     if args.source == "okx":
-        from connectors.okx import OkxTradeSource
-
-        instruments = tuple(args.instruments.split(",")) if args.instruments else settings.instruments
-        return _ingest(settings, lambda s: OkxTradeSource.from_settings(s, instruments=instruments), "okx")
+        return ingest_okx(settings, args.instruments.split(",") if args.instruments else settings.instruments)
     if args.source == "replay":
-        from connectors.replay import ReplaySource
-
-        speed = None if args.speed == "max" else float(args.speed)
-        return _ingest(settings, lambda s: ReplaySource(Path(args.file), speed=speed), f"replay {args.file}")
+        return ingest_replay(settings, Path(args.file), args.speed)
     from connectors.simulate import SimulatedSource
 
     instruments = tuple(args.instruments.split(",")) if args.instruments else settings.instruments
@@ -187,7 +198,7 @@ def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
     from dataflows.entry import prepare
 
     settings = prepare(settings)
-    return _run_dataflow("candles", build_flow(settings, tail=not args.exit_at_end), args, settings)
+    return run_dataflow("candles", build_flow(settings, tail=not args.exit_at_end), args, settings)
 
 
 def _cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
@@ -196,10 +207,10 @@ def _cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     from dataflows.entry import prepare
 
     settings = prepare(settings)
-    return _run_dataflow("archive", build_flow(settings, tail=not args.exit_at_end), args, settings)
+    return run_dataflow("archive", build_flow(settings, tail=not args.exit_at_end), args, settings)
 
 
-def _run_dataflow(name: str, flow: Dataflow, args: argparse.Namespace, settings: Settings) -> int:
+def run_dataflow(name: str, flow: Dataflow, args: argparse.Namespace, settings: Settings) -> int:
     """Run ``flow`` as this process of a Bytewax cluster (``-w``, ``-i``, ``-a``), with recovery
     in ``<recovery_dir>/<name>`` unless ``--no-recovery``. Returns the exit code."""
     from datetime import timedelta
@@ -310,68 +321,10 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 # demo
 
 
-def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Services up, the bundled sample into Kafka, the candle dataflow over it into PostgreSQL."""
-    from importlib import resources
-
-    import psycopg
-
-    from connectors.replay import ReplaySource
-
-    ready = services.ensure(settings)
-    # Each demo run gets its own topics: replaying the sample twice into one topic would be
-    # a stream of duplicates. PostgreSQL upserts make the candles identical run after run.
-    ready = ready.model_copy(update={"topic_prefix": f"demo-{time.strftime('%Y%m%d-%H%M%S')}."})
-    print("TCP Dashboard demo")
-    print(f"  Kafka       {ready.kafka_bootstrap}  (embedded Tansu unless TCP_KAFKA_BOOTSTRAP is set)")
-    print(f"  PostgreSQL  {services.redact(ready.postgres_dsn.get_secret_value())}")
-    print(f"  Redis       {services.redact(ready.redis_url.get_secret_value())}")
-    print(f"  state       {ready.home}")
-    sample = resources.files("tcp") / "data" / "sample-trades.jsonl.gz"
-    with resources.as_file(sample) as path:
-        print(f"\n1. Replaying the bundled sample {sample.name} into {ready.topic('okx.trades')} ...")
-        code = _ingest(ready, lambda s: ReplaySource(Path(path), speed=None), "replay sample")
-    if code:
-        return code
-    print(f"\n2. Running the candle dataflow over it (timeframes {', '.join(ready.timeframes)}) ...")
-    started = time.monotonic()
-    run_args = argparse.Namespace(
-        workers=1, process_id=None, addresses=None, exit_at_end=True, no_recovery=True
-    )
-    _candles_run(run_args, ready)
-    if ready.archive_trades:
-        print("   ... and the trade archive dataflow (okx.trades -> PostgreSQL trades)")
-        _cmd_archive(run_args, ready)
-    print(f"   done in {time.monotonic() - started:.1f} s")
-    dsn = ready.postgres_dsn.get_secret_value()
-    with psycopg.connect(dsn) as conn:
-        counts = conn.execute(
-            "SELECT timeframe, count(*), count(DISTINCT inst_id) FROM candles GROUP BY timeframe "
-            "ORDER BY min(extract(epoch FROM ts_close))"
-        ).fetchall()
-        latest = conn.execute(
-            "SELECT ts_close, open, high, low, close, volume, trade_count FROM candles "
-            "WHERE inst_id = 'BTC-USDT' AND timeframe = '1m' ORDER BY ts_close DESC LIMIT 3"
-        ).fetchall()
-    print("\n3. PostgreSQL table candles now holds:")
-    for timeframe, count, instruments in counts:
-        print(f"   {timeframe:>4}: {count:6,} candles over {instruments} instruments")
-    print("   latest BTC-USDT 1m candles (labelled by close time):")
-    for ts_close, o, h, low, c, v, n in latest:
-        print(f"   {ts_close:%Y-%m-%d %H:%M} UTC  O {o}  H {h}  L {low}  C {c}  V {v}  trades {n}")
-    print(
-        "\nWhat you see: the sample's trades went through Kafka (okx.trades) and the Bytewax candle"
-        "\ndataflow into PostgreSQL; Kafka topics candles and candles.live carry the same candles."
-        "\nNext: `tcp ingest okx` streams live OKX trades; `tcp candles run` keeps building candles;"
-        "\n`tcp services status` shows the services; `tcp services down` stops the embedded ones."
-    )
-    return 0
-
-
 # --------------------------------------------------------------------------------------------
 
 
-def _dataflow_options(q: argparse.ArgumentParser) -> None:
+def dataflow_options(q: argparse.ArgumentParser) -> None:
     """The options of every dataflow command: cluster layout, end of input, recovery."""
     q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
     q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
@@ -423,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("candles", help="build candles: streaming from Kafka (run) or from a file (build)")
     candles = p.add_subparsers(dest="action", required=True)
     q = candles.add_parser("run", help="the candle dataflow: okx.trades -> candles (Kafka, PostgreSQL)")
-    _dataflow_options(q)
+    dataflow_options(q)
     q = candles.add_parser("build", help="batch mode: candles from a trades file into Parquet, no services")
     q.add_argument("--input", required=True, help="OKX WebSocket frames (JSON lines) or an OKX trade CSV")
     q.add_argument("--output", required=True, help="the Parquet file to write")
@@ -433,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("archive", help="archive raw trades: okx.trades -> PostgreSQL table trades")
     archive = p.add_subparsers(dest="action", required=True)
-    _dataflow_options(archive.add_parser("run", help="the trade archive dataflow"))
+    dataflow_options(archive.add_parser("run", help="the trade archive dataflow"))
     p.set_defaults(func=_cmd_archive)
 
     p = sub.add_parser("dlq", help="show dead letters (okx.trades.dlq) with their reasons")
@@ -441,11 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dlq)
 
     from backtest.cli import register as register_export
+    from bots.cli import register as register_bots
+    from tcp.run import cmd_demo
+    from tcp.run import register as register_run
 
     register_export(sub)
+    register_bots(sub, dataflow_options=dataflow_options)
+    register_run(sub, speed=_parse_speed)
 
     p = sub.add_parser("demo", help="start what is missing and run the demo end to end")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

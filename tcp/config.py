@@ -148,3 +148,19 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The full name of one of the platform's topics (``okx.trades`` ...)."""
         return f"{self.topic_prefix}{name}"
+
+    def as_env(self) -> dict[str, str]:
+        """Every field as a ``TCP_*`` variable (secrets included): what a child process needs to
+        load exactly these settings (``tcp run`` starts the dataflows this way)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            env[f"TCP_{name.upper()}"] = str(value)
+        return env

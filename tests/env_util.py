@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-from pydantic import SecretStr
-
 from tcp.config import Settings
 
 
@@ -14,15 +12,6 @@ def tcp_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
     as TCP_* (so the subprocess sees exactly these settings), plus ``extra`` (e.g. TCP_HOME)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCP_")}
     if settings is not None:
-        for name, value in settings.model_dump().items():
-            if value is None:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, tuple):
-                value = ",".join(value)
-            elif isinstance(value, bool):
-                value = str(value).lower()
-            env[f"TCP_{name.upper()}"] = str(value)
+        env.update(settings.as_env())
     env.update(extra)
     return env
