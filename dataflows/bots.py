@@ -256,6 +256,7 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
     def on_item(self, value: Item) -> tuple[list[Output], bool]:
         now = _now_ms()
         event = signal = fill = mark = None
+        before = None if self._bot is None else self._bot.state
         if value[0] == "event":
             event = value[1]
         elif value[0] == "command":
@@ -267,8 +268,10 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
         if bot is None:
             name = event.bot if event is not None else ""
             return ([Output(name, event=event)] if event is not None else []), StatefulLogic.DISCARD
+        # The status (bots row, Redis hash) when something a user sees changed; otherwise the
+        # heartbeat carries it (every bot_heartbeat_s), and the end of a finite input.
         status = None
-        if event is not None or mark is not None or bot.state == "failed" and value[0] == "candle":
+        if event is not None or fill is not None or bot.state != before:
             status = bot.status(now=now)
             self._beat = now
         if event is None and signal is None and mark is None and status is None:
@@ -299,6 +302,10 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
         return [Output(bot.name, bot.config.inst_id, bot.config.timeframe, status=bot.status(now=now))], (
             StatefulLogic.RETAIN
         )
+
+    def on_eof(self) -> tuple[list[Output], bool]:
+        """The end of a finite input (``--exit-at-end``): the final status of the bot."""
+        return self.on_notify()
 
     def notify_at(self) -> datetime | None:
         if self._bot is None or self._bot.state != "running":

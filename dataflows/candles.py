@@ -15,7 +15,8 @@ Steps (each a small function below):
    candles at most once per second per instrument and timeframe, and late trades.
 4. Outputs: final candles to Kafka ``candles`` and PostgreSQL ``candles`` (idempotent upserts),
    forming ones to ``candles.live``, late trades to ``okx.trades.late``, dead letters to
-   ``okx.trades.dlq``. (The raw trades go to PostgreSQL ``trades`` through a dataflow of their
+   ``okx.trades.dlq``; final and forming candles to the Redis channels ``market:{inst_id}``
+   (live charts). (The raw trades go to PostgreSQL ``trades`` through a dataflow of their
    own, dataflows.archive, run beside this one.)
 
 State: each instrument's InstrumentCandles is snapshotted (a deep copy) at every epoch, with
@@ -39,6 +40,7 @@ from dataflows.candle_core import Candle, Emitted, InstrumentCandles, LateTrade,
 from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, MessageBatch
 from sinks.bytewax_pg import PostgresSink, Row
 from sinks.postgres import Upsert
+from sinks.redis import Publish, RedisOp, RedisSink, market_channel
 from tcp import topics
 from tcp.config import Settings
 from tcp.schemas import DeadLetter, Trade, decode_trades, encode
@@ -244,8 +246,14 @@ def _kafka_item(settings: Settings, output: Output) -> KafkaItem:
     return settings.topic(topic), item.key, encode_candle(item)
 
 
-def build_flow(settings: Settings, *, tail: bool = True, write_postgres: bool = True) -> Dataflow:
-    """The candle dataflow over the services in ``settings`` (already ensured)."""
+def build_flow(
+    settings: Settings, *, tail: bool = True, write_postgres: bool = True, write_redis: bool | None = None
+) -> Dataflow:
+    """The candle dataflow over the services in ``settings`` (already ensured).
+
+    ``write_redis`` (default: when ``settings.redis_url`` is set) publishes final and forming
+    candles on the Redis channels ``market:{inst_id}`` for live charts.
+    """
     options = CandleOptions.from_settings(settings)
     trades_topic = settings.topic(topics.TRADES)
     dlq_topic = settings.topic(topics.DLQ)
@@ -270,7 +278,21 @@ def build_flow(settings: Settings, *, tail: bool = True, write_postgres: bool = 
             "final_rows", outputs_only, lambda o: [candle_row(o[1])] if o[0] == "final" else None
         )
         op.output("candles_pg", finals, PostgresSink(dsn, CANDLES_UPSERT))
+    redis_url = settings.redis_url.get_secret_value()
+    if write_redis or (write_redis is None and redis_url):
+        market = op.filter_map("market", outputs_only, market_message)
+        op.output("market_redis", market, RedisSink(redis_url))
     return flow
+
+
+def market_message(output: Output) -> list[RedisOp] | None:
+    """A candle for live charts on ``market:{inst_id}``: ``{"kind": "final"|"live", "candle": {...}}``."""
+    kind, item = output
+    if kind == "late":
+        return None
+    assert isinstance(item, Candle)
+    message = b'{"kind":"' + kind.encode() + b'","candle":' + encode_candle(item) + b"}"
+    return [Publish(market_channel(item.inst_id), message)]
 
 
 def _now_ms() -> int:
@@ -283,4 +305,4 @@ def __getattr__(name: str) -> Dataflow:
         raise AttributeError(name)
     from dataflows.entry import flow_from_env
 
-    return flow_from_env(build_flow)
+    return flow_from_env(build_flow, ("kafka", "postgres", "redis"))

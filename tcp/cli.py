@@ -197,7 +197,7 @@ def _candles_run(args: argparse.Namespace, settings: Settings) -> int:
     from dataflows.candles import build_flow
     from dataflows.entry import prepare
 
-    settings = prepare(settings)
+    settings = prepare(settings, ("kafka", "postgres", "redis"))
     return run_dataflow("candles", build_flow(settings, tail=not args.exit_at_end), args, settings)
 
 

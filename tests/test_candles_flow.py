@@ -611,3 +611,40 @@ def test_idle_instruments_close_by_wall_clock_after_lateness_not_before(
         row = rows[("BTC-USDT", "1s", ts)]
         assert row[3:10] == (close_px, close_px, close_px, close_px, 0, 0, 0)
         assert inserted[("BTC-USDT", "1s", ts)] >= ts / 1000 + lateness / 1000
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Redis: market:{inst_id} for live charts
+
+
+def test_final_candles_are_published_on_the_market_channel(settings: Settings, database: str) -> None:
+    """Every final candle written to PostgreSQL is also published on ``market:{inst_id}``
+    (``{"kind": "final", "candle": ...}``) for the dashboard's live charts."""
+    import json
+
+    import redis
+
+    s = with_db(settings, database, timeframes=("1m", "5m"))
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    pubsub = client.pubsub()
+    pubsub.subscribe("market:BTC-USDT")
+    assert pubsub.get_message(timeout=5) is not None  # the subscription is confirmed
+    produce_trades(s, [_trade(i, i * 17_000, f"{100 + i % 7}") for i in range(40)])
+    run_main(build_flow(s, tail=False))
+    finals = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is None:
+            if finals:
+                break
+            continue
+        if message["type"] == "message":
+            data = json.loads(message["data"])
+            if data["kind"] == "final":
+                finals.append(decode_candle(json.dumps(data["candle"])))
+    pubsub.close()
+    published = {(c.inst_id, c.timeframe, c.ts_close): c for c in finals}
+    assert len(published) == len(finals)  # each once (no crash, no replay)
+    got = db_rows(database)
+    assert set(got) == set(published)
