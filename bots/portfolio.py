@@ -24,7 +24,7 @@ digits, so they are exact; the only rounding on purpose is the size (down, to 12
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import (
     ROUND_DOWN,
     ROUND_HALF_EVEN,
@@ -165,6 +165,20 @@ def _positive_close(bot: str, close: Decimal | str) -> Decimal:
     return price
 
 
+#: close string -> (its Decimal, its canonical text): the bots of a stream mark at the same closes.
+_CLOSES: dict[str, tuple[Decimal, str]] = {}
+
+
+def _close(bot: str, close: str) -> tuple[Decimal, str]:
+    known = _CLOSES.get(close)
+    if known is None:
+        price = _positive_close(bot, close)
+        if len(_CLOSES) >= 10_000:  # bounded: forget, re-learn
+            _CLOSES.clear()
+        known = _CLOSES[close] = (price, fmt(price))
+    return known
+
+
 def _check_costs(fee: Decimal, slippage_bps: Decimal) -> None:
     if not (fee.is_finite() and 0 <= fee < 1):
         msg = f"fee rate must be in [0, 1), got {fee!r}"
@@ -199,13 +213,6 @@ class Fill(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     position_after: _Money
     realized_pnl: _Money
 
-    def __post_init__(self) -> None:
-        _check_money(
-            self,
-            unsigned=("price", "size", "notional", "fee", "cash_after", "position_after"),
-            signed=("realized_pnl",),
-        )
-
 
 class Mark(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A bot's portfolio valued at a candle's close: ``equity = cash + position * close``.
@@ -223,13 +230,6 @@ class Mark(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unrealized_pnl: _Money
     realized_pnl: _Money
     fees_paid: _Money
-
-    def __post_init__(self) -> None:
-        _check_money(
-            self,
-            unsigned=("close", "cash", "position", "equity", "fees_paid"),
-            signed=("unrealized_pnl", "realized_pnl"),
-        )
 
 
 @dataclass(slots=True)
@@ -249,6 +249,8 @@ class Portfolio:
     realized_pnl: Decimal = _ZERO
     fees_paid: Decimal = _ZERO
     num_trades: int = 0
+    #: cash, position, realized_pnl, fees_paid as text, kept between fills (``mark`` is per candle).
+    _texts: tuple[str, str, str, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.cash.is_finite() or self.cash < 0:
@@ -296,19 +298,21 @@ class Portfolio:
 
     def mark(self, close: Decimal | str, ts: int) -> Mark:
         """The portfolio valued at ``close`` (the candle's ``ts_close`` is ``ts``)."""
-        price = _positive_close(self.bot, close)
-        value = MONEY.multiply(self.position, price)
-        return Mark(
-            bot=self.bot,
-            ts_close=ts,
-            close=fmt(price),
-            cash=fmt(self.cash),
-            position=fmt(self.position),
-            equity=fmt(MONEY.add(self.cash, value)),
-            unrealized_pnl=fmt(MONEY.subtract(value, self.cost_basis)),
-            realized_pnl=fmt(self.realized_pnl),
-            fees_paid=fmt(self.fees_paid),
-        )
+        if isinstance(close, str):
+            price, close_text = _close(self.bot, close)
+        else:
+            price = _positive_close(self.bot, close)
+            close_text = fmt(price)
+        texts = self._texts
+        if texts is None:  # formatted once per fill, not once per candle
+            texts = self._texts = (fmt(self.cash), fmt(self.position), fmt(self.realized_pnl), fmt(self.fees_paid))
+        cash, position, realized, fees = texts
+        if self.position == 0:
+            equity, unrealized = cash, "0"
+        else:
+            value = MONEY.multiply(self.position, price)
+            equity, unrealized = fmt(MONEY.add(self.cash, value)), fmt(MONEY.subtract(value, self.cost_basis))
+        return Mark(self.bot, ts, close_text, cash, position, equity, unrealized, realized, fees)
 
     def _buy(
         self, close: Decimal, ts: int, *, fee: Decimal, slippage_bps: Decimal, sizing: Sizing
@@ -358,6 +362,7 @@ class Portfolio:
         fee: Decimal,
         realized: Decimal,
     ) -> Fill:
+        self._texts = None
         return Fill(
             bot=self.bot,
             seq=self.num_trades,
@@ -379,5 +384,30 @@ _mark_decoder = msgspec.json.Decoder(Mark)
 
 #: JSON bytes of a Fill, Mark (or any msgspec value).
 encode = _encoder.encode
-decode_fill = _fill_decoder.decode
-decode_mark = _mark_decoder.decode
+
+
+def decode_fill(data: bytes | str) -> Fill:
+    """A Fill from JSON; every money field must be a canonical decimal string
+    (``msgspec.ValidationError`` names the field). Fills made by a Portfolio are canonical by
+    construction (``fmt``), so the check is made here, where strings come from outside."""
+    fill = _fill_decoder.decode(data)
+    _check_decoded(
+        fill, unsigned=("price", "size", "notional", "fee", "cash_after", "position_after"), signed=("realized_pnl",)
+    )
+    return fill
+
+
+def decode_mark(data: bytes | str) -> Mark:
+    """A Mark from JSON, checked like :func:`decode_fill`."""
+    mark = _mark_decoder.decode(data)
+    _check_decoded(
+        mark, unsigned=("close", "cash", "position", "equity", "fees_paid"), signed=("unrealized_pnl", "realized_pnl")
+    )
+    return mark
+
+
+def _check_decoded(struct: msgspec.Struct, *, unsigned: tuple[str, ...], signed: tuple[str, ...]) -> None:
+    try:
+        _check_money(struct, unsigned=unsigned, signed=signed)
+    except ValueError as exc:
+        raise msgspec.ValidationError(str(exc)) from None

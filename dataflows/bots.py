@@ -30,6 +30,7 @@ at-least-once, absorbed by the idempotent sinks (a Redis publish may repeat afte
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -88,18 +89,21 @@ Item = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Output:
-    """What the bot step emitted for one item (or heartbeat): one of each at most."""
+    """What the bot step emitted for one batch of items (or a heartbeat), in order."""
 
     bot: str
     inst_id: str = ""
     timeframe: str = ""
-    event: BotEvent | None = None
-    signal: Signal | None = None
-    fill: Fill | None = None
-    mark: Mark | None = None
-    status: BotStatus | None = None
+    events: list[BotEvent] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
+    fills: list[Fill] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)
+    status: BotStatus | None = None  # the latest, when it changed (or a heartbeat)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.signals or self.fills or self.marks or self.status)
 
 
 SIGNALS_UPSERT = Upsert(
@@ -129,6 +133,7 @@ BOT_PERFORMANCE_UPSERT = Upsert(
     "bot_performance",
     ("bot", "ts_close", "close", "cash", "position", "equity", "unrealized_pnl", "realized_pnl", "fees_paid"),
     ("bot", "ts_close"),
+    update=False,  # a bot's mark at a candle close is a fact: a replay computes the same one
 )
 BOTS_UPSERT = Upsert(
     "bots",
@@ -202,15 +207,15 @@ class Directory:
 
 
 def route(
-    initial: Sequence[BotConfig], directory: Directory | None, item: Item
-) -> tuple[Directory, list[tuple[str, Item]]]:
-    """Route one item to the bots it concerns: ``(bot name, item)`` pairs.
+    initial: Sequence[BotConfig], directory: Directory | None, items: list[Item]
+) -> tuple[Directory, list[tuple[str, list[Item]]]]:
+    """Route a batch of items to the bots they concern: ``(bot name, its items in order)``.
 
     The first call creates and starts the ``initial`` bots. A ``create`` of a new name
     registers it (the bot step validates it and may still reject it: then it never acts); a
     command for an unknown bot goes to that name anyway, to be rejected there with the reason.
     """
-    routed: list[tuple[str, Item]] = []
+    routed: dict[str, list[Item]] = {}
     if directory is None:
         directory = Directory()
         now = _now_ms()
@@ -221,31 +226,37 @@ def route(
                     id=f"initial:{config.name}:{action}", action=action, bot=config.name, at=now, user=INITIAL,
                     config=config if action == "create" else None,
                 )  # fmt: skip
-                routed.append((config.name, ("command", initial_command)))
-    kind = item[0]
-    if kind == "candle":
-        candle = item[1]
-        assert isinstance(candle, Candle)
-        for name in directory.followers.get((candle.inst_id, candle.timeframe), ()):
-            routed.append((name, item))
-    elif kind == "command":
-        command = item[1]
-        assert isinstance(command, Command)
-        if command.action == "create" and command.bot not in directory.streams and command.config is not None:
-            directory.add(command.config)
-        routed.append((command.bot, item))
-    elif kind == "event":
-        event = item[1]
-        assert isinstance(event, BotEvent)
-        routed.append((event.bot, item))
-    return directory, routed
+                routed.setdefault(config.name, []).append(("command", initial_command))
+    followers = directory.followers
+    for item in items:
+        kind = item[0]
+        if kind == "candle":
+            candle = item[1]
+            assert isinstance(candle, Candle)
+            for name in followers.get((candle.inst_id, candle.timeframe), ()):
+                routed.setdefault(name, []).append(item)
+        elif kind == "command":
+            command = item[1]
+            assert isinstance(command, Command)
+            if (
+                command.action == "create"
+                and command.bot not in directory.streams
+                and command.config is not None
+            ):
+                directory.add(command.config)
+            routed.setdefault(command.bot, []).append(item)
+        elif kind == "event":
+            event = item[1]
+            assert isinstance(event, BotEvent)
+            routed.setdefault(event.bot, []).append(item)
+    return directory, list(routed.items())
 
 
 # --------------------------------------------------------------------------------------------
 # Step 4: one bot
 
 
-class BotLogic(StatefulLogic[Item, Output, Bot]):
+class BotLogic(StatefulLogic[list[Item], Output, Bot]):
     """One bot as a Bytewax stateful logic. Snapshot: a deep copy of the :class:`Bot`."""
 
     def __init__(self, options: BotsOptions, resume: Bot | None) -> None:
@@ -253,32 +264,41 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
         self._bot = resume
         self._beat = 0  # wall-clock time of the last status output
 
-    def on_item(self, value: Item) -> tuple[list[Output], bool]:
+    def on_item(self, value: list[Item]) -> tuple[list[Output], bool]:
         now = _now_ms()
-        event = signal = fill = mark = None
-        before = None if self._bot is None else self._bot.state
-        if value[0] == "event":
-            event = value[1]
-        elif value[0] == "command":
-            event = self._command(value[1], now)
-        elif value[0] == "candle" and self._bot is not None:
-            step = self._bot.on_candle(value[1])
-            signal, fill, mark = step.signal, step.fill, step.mark
+        out = Output("")
+        changed = False
+        for item in value:
+            before = None if self._bot is None else self._bot.state
+            if item[0] == "event":
+                out.events.append(item[1])
+                changed = True
+            elif item[0] == "command":
+                out.events.append(self._command(item[1], now))
+                changed = True
+            elif item[0] == "candle" and self._bot is not None:
+                step = self._bot.on_candle(item[1])
+                if step.signal is not None:
+                    out.signals.append(step.signal)
+                if step.fill is not None:
+                    out.fills.append(step.fill)
+                    changed = True
+                if step.mark is not None:
+                    out.marks.append(step.mark)
+            if self._bot is not None and self._bot.state != before:
+                changed = True
         bot = self._bot
         if bot is None:
-            name = event.bot if event is not None else ""
-            return ([Output(name, event=event)] if event is not None else []), StatefulLogic.DISCARD
+            if out.events:
+                out.bot = out.events[0].bot
+            return ([out] if out else []), StatefulLogic.DISCARD
+        out.bot, out.inst_id, out.timeframe = bot.name, bot.config.inst_id, bot.config.timeframe
         # The status (bots row, Redis hash) when something a user sees changed; otherwise the
         # heartbeat carries it (every bot_heartbeat_s), and the end of a finite input.
-        status = None
-        if event is not None or fill is not None or bot.state != before:
-            status = bot.status(now=now)
+        if changed:
+            out.status = bot.status(now=now)
             self._beat = now
-        if event is None and signal is None and mark is None and status is None:
-            return [], StatefulLogic.RETAIN
-        config = bot.config
-        out = Output(bot.name, config.inst_id, config.timeframe, event, signal, fill, mark, status)
-        return [out], StatefulLogic.RETAIN
+        return ([out] if out else []), StatefulLogic.RETAIN
 
     def _command(self, command: Command, now: int) -> BotEvent:
         if self._bot is not None:
@@ -299,9 +319,10 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
             return [], StatefulLogic.DISCARD
         now = _now_ms()
         self._beat = now
-        return [Output(bot.name, bot.config.inst_id, bot.config.timeframe, status=bot.status(now=now))], (
-            StatefulLogic.RETAIN
-        )
+        status = bot.status(now=now)
+        return [
+            Output(bot.name, bot.config.inst_id, bot.config.timeframe, status=status)
+        ], StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Output], bool]:
         """The end of a finite input (``--exit-at-end``): the final status of the bot."""
@@ -321,6 +342,7 @@ class BotLogic(StatefulLogic[Item, Output, Bot]):
 # Step 5: outputs
 
 
+@functools.lru_cache(maxsize=4096)  # the bots of a stream share their candles' close times
 def _ts(ms: int | None) -> datetime | None:
     return None if ms is None else _EPOCH + ms * _MS
 
@@ -364,14 +386,13 @@ def status_hash(status: BotStatus) -> dict[str, str]:
 
 
 def redis_ops(output: Output, status_ttl_s: int) -> list[RedisOp]:
-    """What the dashboard sees live of one output: the status hash and the bot's channels."""
+    """What the dashboard sees live of one output: the bot's channels and its status hash."""
     ops: list[RedisOp] = []
-    if output.signal is not None:
-        message = b'{"kind":"signal","signal":' + encode_signal(output.signal) + b"}"
-        ops.append(Publish(signals_channel(output.bot), message))
-    if output.fill is not None:
-        message = b'{"kind":"fill","fill":' + msgspec.json.encode(output.fill) + b"}"
-        ops.append(Publish(signals_channel(output.bot), message))
+    channel = signals_channel(output.bot) if output.signals or output.fills else ""
+    for signal in output.signals:
+        ops.append(Publish(channel, b'{"kind":"signal","signal":' + encode_signal(signal) + b"}"))
+    for fill in output.fills:
+        ops.append(Publish(channel, b'{"kind":"fill","fill":' + msgspec.json.encode(fill) + b"}"))
     if output.status is not None:
         ops.append(HashSet(bot_status_key(output.bot), status_hash(output.status), ttl_s=status_ttl_s))
         ops.append(Publish(status_channel(output.bot), encode_status(output.status)))
@@ -379,9 +400,17 @@ def redis_ops(output: Output, status_ttl_s: int) -> list[RedisOp]:
 
 
 def build_flow(
-    settings: Settings, *, bots: Sequence[BotConfig] = (), tail: bool = True, write_redis: bool = True
+    settings: Settings,
+    *,
+    bots: Sequence[BotConfig] = (),
+    tail: bool = True,
+    write_postgres: bool = True,
+    write_redis: bool = True,
 ) -> Dataflow:
-    """The bots dataflow over the services in ``settings`` (already ensured and migrated)."""
+    """The bots dataflow over the services in ``settings`` (already ensured and migrated).
+
+    ``write_postgres=False`` / ``write_redis=False`` leave those sinks out (benchmarks, tests).
+    """
     options = BotsOptions.from_settings(settings)
     initial = tuple(bots)
     events_topic = settings.topic(topics.BOTS_EVENTS)
@@ -399,45 +428,44 @@ def build_flow(
     )
     # One item at start-up, so that the directory starts the given bots before any candle comes
     # (TestingSource: a finite, recoverable source; after a restart it has nothing left to send).
-    first: list[Item] = [("hello", None)]
-    hello: Stream[Item] = op.input("hello", flow, TestingSource(first))
+    first: list[list[Item]] = [[("hello", None)]]
+    hello: Stream[list[Item]] = op.input("hello", flow, TestingSource(first))
+    # Lists all the way: Bytewax's cost is per item, so a consumed batch stays one item, and the
+    # directory hands each bot one list per batch.
     items = op.merge(
         "items",
         hello,
-        op.flat_map("decode_candles", candle_batches, decode_candles),
-        op.flat_map("decode_commands", command_batches, decode_commands),
+        op.filter_map("decode_candles", candle_batches, lambda batch: decode_candles(batch) or None),
+        op.filter_map("decode_commands", command_batches, lambda batch: decode_commands(batch) or None),
     )
-    keyed = op.key_on("one_directory", items, lambda _item: _ALL)
-    routed = op.stateful_flat_map("directory", keyed, lambda state, item: route(initial, state, item))
-    by_bot = op.key_on("by_bot", op.map("unkey", routed, lambda kv: kv[1]), lambda pair: pair[0])
-    outputs_keyed = op.stateful("bots", op.map("item", by_bot, lambda kv: (kv[0], kv[1][1])),
-                                lambda resume: BotLogic(options, resume))  # fmt: skip
+    keyed = op.key_on("one_directory", items, lambda _items: _ALL)
+    routed = op.stateful_flat_map("directory", keyed, lambda state, batch: route(initial, state, batch))
+    by_bot = op.map("by_bot", routed, lambda kv: kv[1])  # (bot name, its items): keyed by bot
+    outputs_keyed = op.stateful("bots", by_bot, lambda resume: BotLogic(options, resume))
     outputs: Stream[Output] = op.map("drop_key", outputs_keyed, lambda kv: kv[1])
 
-    def event(o: Output) -> KafkaItem | None:
-        return None if o.event is None else (events_topic, o.event.bot.encode(), encode_event(o.event))
+    def events(o: Output) -> list[KafkaItem] | None:
+        return [(events_topic, e.bot.encode(), encode_event(e)) for e in o.events] or None
 
     op.output(
         "events_out",
-        op.filter_map("events", outputs, event),
+        op.flat_map("events", op.filter_map("event_items", outputs, events), lambda batch: batch),
         KafkaProduceSink(settings.kafka_bootstrap, client_id="tcp-bots"),
     )
-
-    dsn = settings.postgres_dsn.get_secret_value()
-    signals = op.filter_map(
-        "signal_rows", outputs, lambda o: None if o.signal is None else [signal_row(o.signal)]
-    )
-    op.output("signals_pg", signals, PostgresSink(dsn, SIGNALS_UPSERT))
-    fills = op.filter_map(
-        "fill_rows", outputs, lambda o: None if o.fill is None else [fill_row(o.fill, o.inst_id, o.timeframe)]
-    )
-    op.output("bot_trades_pg", fills, PostgresSink(dsn, BOT_TRADES_UPSERT))
-    marks = op.filter_map("mark_rows", outputs, lambda o: None if o.mark is None else [mark_row(o.mark)])
-    op.output("bot_performance_pg", marks, PostgresSink(dsn, BOT_PERFORMANCE_UPSERT))
-    statuses = op.filter_map(
-        "status_rows", outputs, lambda o: None if o.status is None else [status_row(o.status)]
-    )
-    op.output("bots_pg", statuses, PostgresSink(dsn, BOTS_UPSERT))
+    if write_postgres:
+        dsn = settings.postgres_dsn.get_secret_value()
+        signals = op.filter_map("signal_rows", outputs, lambda o: [signal_row(x) for x in o.signals] or None)
+        op.output("signals_pg", signals, PostgresSink(dsn, SIGNALS_UPSERT))
+        fills = op.filter_map(
+            "fill_rows", outputs, lambda o: [fill_row(x, o.inst_id, o.timeframe) for x in o.fills] or None
+        )
+        op.output("bot_trades_pg", fills, PostgresSink(dsn, BOT_TRADES_UPSERT))
+        marks = op.filter_map("mark_rows", outputs, lambda o: [mark_row(x) for x in o.marks] or None)
+        op.output("bot_performance_pg", marks, PostgresSink(dsn, BOT_PERFORMANCE_UPSERT))
+        statuses = op.filter_map(
+            "status_rows", outputs, lambda o: None if o.status is None else [status_row(o.status)]
+        )
+        op.output("bots_pg", statuses, PostgresSink(dsn, BOTS_UPSERT))
     if write_redis:
         ttl = max(60, 10 * options.heartbeat_ms // 1000)
         ops = op.filter_map("redis_ops", outputs, lambda o: redis_ops(o, ttl) or None)
