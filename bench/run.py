@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import candles_bench, ingest_bench, stream_bench  # noqa: E402
+from bench import bots_bench, candles_bench, ingest_bench, stream_bench  # noqa: E402
 from bench.common import SCALE_ENV, Row, machine, scale, scaled, table  # noqa: E402
 from tcp import services  # noqa: E402
 from tcp.config import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-SECTIONS = ("ingest", "batch", "stream", "latency", "rss")
+SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots")
 
 BATCH_NOTES = """\
 Both sides read the same generated file (9 instruments, one day, OKX's formats) and build the
@@ -74,6 +74,19 @@ process it overstates.) The candle core alone (`CandleBook`) is measured the sam
 """
 
 
+BOTS_NOTES = """\
+100 bots (5 strategy configs x 9 instruments, 1m) over a `candles` topic pre-filled with 3,000
+random-walk candles per instrument. The dataflow is `dataflows.bots.build_flow(bots=...,
+tail=False)` in one worker (`run_main`), timed to its return (every sink flushed): with its sinks
+(PostgreSQL: a mark row per bot per candle, i.e. ~300,000 `bot_performance` rows, plus signals,
+fills and bot rows; Redis; Kafka events), and with the PostgreSQL and Redis sinks left out. The
+baseline is the same 100 `Bot` objects (the same strategy instances, portfolio and mark at every
+close) fed the same candles in a plain Python loop in this process. Memory: a subprocess creates
+1,000 running bots that each saw 500 candles; RSS growth per bot, and the pickled size per bot
+(what a recovery snapshot stores).
+"""
+
+
 def _check_ratio_targets(rows: list[Row]) -> list[Row]:
     """``met`` for rows whose target is just a ratio (``>= 1.5x``)."""
     for row in rows:
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     full = set(only) == set(SECTIONS) and scale() == 1.0
 
-    settings = services.ensure(Settings.load(), ("kafka", "postgres"))
+    settings = services.ensure(Settings.load(), ("kafka", "postgres", "redis"))
     load_before = os.getloadavg()
     started = time.monotonic()
     sections: list[str] = []
@@ -142,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         "Candles, memory: 1,000 instruments x 6 timeframes",
         RSS_NOTES,
         lambda: stream_bench.rss_rows(settings),
+    )
+
+    section(
+        "bots",
+        "Strategies and bots: 100 bots in the bots dataflow (issue 4)",
+        BOTS_NOTES,
+        lambda: bots_bench.throughput_rows(settings) + bots_bench.memory_rows(),
     )
 
     load_after = os.getloadavg()
