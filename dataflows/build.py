@@ -130,16 +130,15 @@ def build_from_batches(
     """Build from a source's batches (e.g. ``ReplaySource.iter_batches()``); dead letters are counted."""
     dead = 0
 
-    def trades() -> Iterator[Trade]:
+    def chunks() -> Iterator[list[Trade]]:
         nonlocal dead
-        for batch in batches:
-            for item in batch:
-                if isinstance(item, Trade):
-                    yield item
-                else:
-                    dead += 1
+        for batch in batches:  # a source's batches are chunks already (bounded by its read size)
+            trades = [item for item in batch if type(item) is Trade]
+            dead += len(batch) - len(trades)
+            if trades:
+                yield trades
 
-    result = _build(iter_chunks(trades()), timeframes, empty)
+    result = _build(chunks(), timeframes, empty)
     result.dead_letters = dead
     return result
 

@@ -178,7 +178,7 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
         topic: str,
         *,
         tail: bool = True,
-        batch_size: int = 10_000,
+        batch_size: int = 2_000,
         add_config: dict[str, Any] | None = None,
     ) -> None:
         self._bootstrap, self._topic, self._tail, self._batch_size = bootstrap, topic, tail, batch_size
@@ -191,8 +191,8 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
             "fetch.queue.backoff.ms": 10,
             # librdkafka prefetches up to 64 MB per consumer by default, and there is one consumer
             # per partition: cap the read-ahead (peak RSS, see BENCHMARKS.md).
-            "queued.max.messages.kbytes": 4096,
-            "queued.min.messages": 5000,
+            "queued.max.messages.kbytes": 1024,
+            "queued.min.messages": 1000,
             **(add_config or {}),
         }
         # One admin client for the life of the source, made on first use (the workers of a
