@@ -29,9 +29,9 @@ at-least-once, absorbed by the idempotent sinks (a Redis publish may repeat afte
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -256,12 +256,12 @@ def route(
 # Step 4: one bot
 
 
-class BotLogic(StatefulLogic[list[Item], Output, Bot]):
-    """One bot as a Bytewax stateful logic. Snapshot: a deep copy of the :class:`Bot`."""
+class BotLogic(StatefulLogic[list[Item], Output, bytes]):
+    """One bot as a Bytewax stateful logic. Snapshot: the :class:`Bot` pickled."""
 
-    def __init__(self, options: BotsOptions, resume: Bot | None) -> None:
+    def __init__(self, options: BotsOptions, resume: bytes | None) -> None:
         self._options = options
-        self._bot = resume
+        self._bot: Bot | None = None if resume is None else pickle.loads(resume)  # noqa: S301  # our own
         self._beat = 0  # wall-clock time of the last status output
 
     def on_item(self, value: list[Item]) -> tuple[list[Output], bool]:
@@ -333,9 +333,10 @@ class BotLogic(StatefulLogic[list[Item], Output, Bot]):
             return None
         return _EPOCH + (self._beat + self._options.heartbeat_ms) * _MS
 
-    def snapshot(self) -> Bot:
+    def snapshot(self) -> bytes:
+        """The bot pickled (cheaper than a deep copy; Bytewax asks at every epoch)."""
         assert self._bot is not None  # DISCARDed otherwise
-        return copy.deepcopy(self._bot)
+        return pickle.dumps(self._bot, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ the Kafka offsets, when recovery is on; outputs are at-least-once, so every sink
 
 from __future__ import annotations
 
-import copy
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,18 +135,25 @@ class _Saved:
     live_sent_ms: int
 
 
-class CandleLogic(StatefulLogic[list[Trade], Output, "_Saved | None"]):
+class CandleLogic(StatefulLogic[list[Trade], Output, "bytes | None"]):
     """One instrument's candles as a Bytewax stateful logic.
 
     ``on_item`` feeds a batch of trades; ``on_notify`` fires when the wall-clock watermark
     would finalise a candle (the core says when) or a throttled live update is due;
-    ``on_eof`` closes every open window (finite input). Snapshot: a deep copy of the state.
+    ``on_eof`` closes every open window (finite input).
+
+    Snapshot: the state pickled to bytes. Bytewax asks for a snapshot of every key touched at
+    every epoch, recovery on or not; pickling (C) is several times cheaper than a deep copy and
+    the bytes are a fraction of the objects' size (measured: peak RSS, BENCHMARKS.md).
     """
 
-    def __init__(self, options: CandleOptions, resume: _Saved | None) -> None:
+    def __init__(self, options: CandleOptions, resume: bytes | _Saved | None) -> None:
         self._options = options
         # Bytewax's builder gets no key: a new instrument's state is made from its first batch.
-        if resume is not None:
+        if isinstance(resume, bytes):
+            resume = pickle.loads(resume)  # noqa: S301  # our own snapshot, from our recovery store
+        if resume is not None:  # (a _Saved object: a snapshot written before they were bytes)
+            assert isinstance(resume, _Saved)
             resume.core.resume(_now_ms())
         self._saved = resume
         self._live_due = False
@@ -193,8 +200,8 @@ class CandleLogic(StatefulLogic[list[Trade], Output, "_Saved | None"]):
             times.append(self._saved.live_sent_ms + self._options.live_every_ms)
         return _EPOCH + timedelta(milliseconds=min(times)) if times else None
 
-    def snapshot(self) -> _Saved | None:
-        return copy.deepcopy(self._saved)
+    def snapshot(self) -> bytes | None:
+        return None if self._saved is None else pickle.dumps(self._saved, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def _emit(emitted: Emitted) -> list[Output]:
