@@ -132,11 +132,16 @@ def build_from_batches(
 
     def chunks() -> Iterator[list[Trade]]:
         nonlocal dead
-        for batch in batches:  # a source's batches are chunks already (bounded by its read size)
+        chunk: list[Trade] = []
+        for batch in batches:  # joined into chunks of CHUNK_SIZE: each chunk is folded at once
             trades = [item for item in batch if type(item) is Trade]
             dead += len(batch) - len(trades)
-            if trades:
-                yield trades
+            chunk.extend(trades)
+            if len(chunk) >= CHUNK_SIZE:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     result = _build(chunks(), timeframes, empty)
     result.dead_letters = dead
