@@ -104,7 +104,7 @@ def throughput_rows(settings: Settings, per_instrument: int | None = None) -> li
     from tcp import topics
     from tcp.topics import ensure_topics
 
-    per_instrument = per_instrument or scaled(3_000, minimum=200)
+    per_instrument = per_instrument or scaled(9_000, minimum=200)
     configs = bot_configs()
     candles = candle_series(per_instrument)
     dsn = bench_database(settings)

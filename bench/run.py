@@ -79,10 +79,11 @@ process it overstates.) The candle core alone (`CandleBook`) is measured the sam
 
 
 BOTS_NOTES = """\
-100 bots (5 strategy configs x 9 instruments, 1m) over a `candles` topic pre-filled with 3,000
-random-walk candles per instrument. The dataflow is `dataflows.bots.build_flow(bots=...,
+100 bots (5 strategy configs x 9 instruments, 1m) over a `candles` topic pre-filled with 9,000
+random-walk candles per instrument (81,000 candles, ~810,000 bot-candles; a run of the dataflow
+also pays about 1 s of start-up and shut-down: 12 Kafka consumers, topic-id checks, end of input). The dataflow is `dataflows.bots.build_flow(bots=...,
 tail=False)` in one worker (`run_main`), timed to its return (every sink flushed): with its sinks
-(PostgreSQL: a mark row per bot per candle, i.e. ~300,000 `bot_performance` rows, plus signals,
+(PostgreSQL: a mark row per bot per candle, i.e. ~900,000 `bot_performance` rows, plus signals,
 fills and bot rows; Redis; Kafka events), and with the PostgreSQL and Redis sinks left out. The
 baseline is the same 100 `Bot` objects (the same strategy instances, portfolio and mark at every
 close) fed the same candles in a plain Python loop in this process. Memory: a subprocess creates
