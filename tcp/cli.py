@@ -73,7 +73,12 @@ class Progress:
 
 def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "up":
+        from sinks.migrate import apply_migrations
+        from tcp.topics import ensure_topics
+
         ready = services.ensure(settings)
+        ensure_topics(ready)  # ready for use: topics made, tables migrated
+        apply_migrations(ready.postgres_dsn.get_secret_value())
         print(f"kafka     {ready.kafka_bootstrap}")
         print(f"postgres  {services.redact(ready.postgres_dsn.get_secret_value())}")
         print(f"redis     {services.redact(ready.redis_url.get_secret_value())}")
