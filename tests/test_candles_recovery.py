@@ -498,7 +498,7 @@ def test_a_topic_reset_under_the_dataflow_stops_it_loudly(
         assert code == 0, output
         assert _rows(database, "SELECT count(*) FROM trades") == [(3000,)]
     finally:
-        services.stop(base, ("kafka",))
+        services.stop(base)  # its Kafka, and the Redis the dataflow started in this home
 
 
 def test_partition_state_checks_the_topic_id(settings: Settings) -> None:
