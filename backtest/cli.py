@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import get_args
 
@@ -96,56 +95,3 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{rows} rows -> {out}")
     return 0
 
-
-def register_backtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``backtest run`` to the ``tcp`` subcommands."""
-    p = sub.add_parser("backtest", help="backtests: the live strategy and bot classes over stored candles")
-    actions = p.add_subparsers(dest="action", required=True)
-    q = actions.add_parser("run", help="one strategy + bot over the candles of one stream")
-    q.add_argument("--strategy", required=True)
-    q.add_argument("--params", default="{}", help="the strategy's params, a JSON object")
-    q.add_argument(
-        "--candles", required=True, type=Path, help="a candles Parquet file, or a directory of them"
-    )
-    q.add_argument("--inst-id", required=True)
-    q.add_argument("--timeframe", required=True)
-    q.add_argument("--start", type=_time, help="from this close time, inclusive (ISO-8601 or epoch ms)")
-    q.add_argument("--end", type=_time, help="until this close time, exclusive")
-    q.add_argument("--fee", type=Decimal, default=Decimal("0.001"), help="rate of the notional (0.001)")
-    q.add_argument(
-        "--slippage-bps", type=Decimal, default=Decimal(5), help="basis points against the bot (5)"
-    )
-    q.add_argument("--initial-cash", type=Decimal, default=Decimal(10000))
-    q.add_argument("--out", required=True, type=Path, help="directory for the results")
-    p.set_defaults(func=cmd_backtest)
-
-
-def cmd_backtest(args: argparse.Namespace, settings: Settings) -> int:
-    """``tcp backtest run``: needs no services (DuckDB reads the Parquet)."""
-    import json
-
-    from backtest.engine import run_backtest
-    from bots.config import ConfigError
-    from strategies.registry import InvalidStrategyParams, UnknownStrategyError
-
-    try:
-        params = json.loads(args.params)
-        if not isinstance(params, dict):
-            msg = f"--params must be a JSON object, got {args.params!r}"
-            raise ValueError(msg)
-        result = run_backtest(
-            args.candles, strategy=args.strategy, params=params, inst_id=args.inst_id, timeframe=args.timeframe,
-            start=None if args.start is None else int(args.start.timestamp() * 1000),
-            end=None if args.end is None else int(args.end.timestamp() * 1000),
-            fee=args.fee, slippage_bps=args.slippage_bps, initial_cash=args.initial_cash, out=args.out,
-        )  # fmt: skip
-    except (ConfigError, UnknownStrategyError, InvalidStrategyParams, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(
-        f"{result.candles:,} candles, {len(result.signals)} signals, {m.num_trades} fills; total return "
-        f"{m.total_return:.2%}, max drawdown {m.max_drawdown:.2%}, sharpe "
-        f"{'-' if m.sharpe is None else f'{m.sharpe:.2f}'}; written to {args.out}"
-    )
-    return 0

@@ -22,13 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bots_bench, candles_bench, ingest_bench, stream_bench  # noqa: E402
+from bench import backtest_bench, bots_bench, candles_bench, ingest_bench, stream_bench  # noqa: E402
 from bench.common import SCALE_ENV, Row, machine, scale, scaled, table  # noqa: E402
 from tcp import services  # noqa: E402
 from tcp.config import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots")
+SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest")
+#: Sections that need no Kafka, PostgreSQL or Redis.
+LOCAL_SECTIONS = frozenset({"backtest"})
 
 BATCH_NOTES = """\
 Both sides read the same generated file (9 instruments, one day, OKX's formats) and build the
@@ -91,6 +93,18 @@ close) fed the same candles in a plain Python loop in this process. Memory: a su
 (what a recovery snapshot stores).
 """
 
+BACKTEST_NOTES = """\
+`ema_crossover` 12/26 and one bot (fee 0.001, 5 bps, all-in) over generated 1m candles (a random
+walk on a 0.1 tick; volumes with 8 decimals, so volume, quote volume and vwap are nearly all
+distinct) in a Parquet file written like `tcp candles build` (decimal128 columns). The engine is
+`backtest.engine.run_backtest`: DuckDB read, every price and volume turned into its exact decimal
+string, the live `Bot` (strategy + portfolio) candle by candle, the exact equity curve and the
+metrics; best of 2. The baseline is the same logic (both EMAs, the crossover, the fill rule) as a
+plain float loop over the closes, already in a numpy array, timed in the same run: no file, no
+exact decimals, no `Candle` objects. The sweep is `run_sweep` with 2 worker processes (each reads
+the candles once), timed to its return; its baseline is the engine in this one process.
+"""
+
 
 def _check_ratio_targets(rows: list[Row]) -> list[Row]:
     """``met`` for rows whose target is just a ratio (``>= 1.5x``)."""
@@ -117,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     full = set(only) == set(SECTIONS) and scale() == 1.0
 
-    settings = services.ensure(Settings.load(), ("kafka", "postgres", "redis"))
+    local = set(only) <= LOCAL_SECTIONS
+    settings = Settings.load() if local else services.ensure(Settings.load(), ("kafka", "postgres", "redis"))
     load_before = os.getloadavg()
     started = time.monotonic()
     sections: list[str] = []
@@ -168,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         BOTS_NOTES,
         lambda: bots_bench.throughput_rows(settings) + bots_bench.memory_rows(),
     )
+    section(
+        "backtest",
+        "Backtests: the engine over 1,000,000 candles, and sweeps",
+        BACKTEST_NOTES,
+        lambda: backtest_bench.engine_rows() + backtest_bench.sweep_rows(),
+    )
 
     load_after = os.getloadavg()
     kafka_mode = "configured" if Settings.load().kafka_bootstrap else "embedded Tansu, in memory"
@@ -178,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}.\n"
         f"Load average (1 min) {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end; "
         f"{(time.monotonic() - started) / 60:.1f} min in all.\n"
-        f"Kafka: {settings.kafka_bootstrap} ({kafka_mode}). PostgreSQL: {pg_mode}, database "
-        f"`{stream_bench.BENCH_DB}`.\n"
+        + (
+            ""
+            if local
+            else f"Kafka: {settings.kafka_bootstrap} ({kafka_mode}). PostgreSQL: {pg_mode}, database "
+            f"`{stream_bench.BENCH_DB}`.\n"
+        )
         + (f"Scale: {scale()} ({SCALE_ENV}); sections: {', '.join(only)}.\n" if not full else "")
         + "\n"
         + "\n\n".join(sections)

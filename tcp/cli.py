@@ -9,6 +9,7 @@
     tcp export candles|signals|bot-trades|bot-performance --out FILE.parquet [filters]
     tcp run [--input FILE [--speed N|max]] [--bots FILE.json] [--exit-at-end]
     tcp backtest run --strategy NAME --params JSON --candles FILE_OR_DIR --inst-id ID --timeframe TF --out DIR
+    tcp backtest sweep --strategy NAME --grid JSON --candles FILE_OR_DIR --inst-id ID --timeframe TF --out DIR
     tcp demo
 
 The environment is read once, here (``Settings.load``); everything below gets the settings.
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dlq)
 
     from backtest.cli import register as register_export
-    from backtest.cli import register_backtest
+    from backtest.commands import register_backtest
     from bots.cli import register as register_bots
     from tcp.run import cmd_demo
     from tcp.run import register as register_run
