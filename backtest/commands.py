@@ -34,10 +34,11 @@ if TYPE_CHECKING:
     from bots.config import ParamValue
     from tcp.config import Settings
 
-__all__ = ["cmd_run", "cmd_sweep", "parse_params", "register_backtest"]
+__all__ = ["cmd_run", "cmd_sweep", "parse_params", "register_backtest", "time_arg"]
 
 
-def _time(text: str) -> datetime:
+def time_arg(text: str) -> datetime:
+    """An argparse type: ISO-8601 (no offset = UTC) or epoch ms."""
     from backtest.export import parse_time
 
     try:
@@ -56,6 +57,17 @@ def _decimal(text: str) -> Decimal:
         msg = f"expected a finite decimal number, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _sizing(text: str) -> object:
+    """``all-in`` or a JSON object; the bot config checks it (a bad one is ``error: ...``)."""
+    if text == "all-in":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        msg = f'--sizing: all-in or a JSON object like {{"fraction": 0.5}}, got {text!r} ({exc.msg})'
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _workers(text: str) -> int:
@@ -97,13 +109,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a candles Parquet file (tcp candles build / export) or a lake directory")  # fmt: skip
     p.add_argument("--inst-id", required=True, help="the instrument, e.g. BTC-USDT")
     p.add_argument("--timeframe", required=True, help="the candles' timeframe, e.g. 1m")
-    p.add_argument("--start", type=_time, help="from this close time, inclusive (ISO-8601 or epoch ms)")
-    p.add_argument("--end", type=_time, help="until this close time, exclusive (ISO-8601 or epoch ms)")
+    p.add_argument("--start", type=time_arg, help="from this close time, inclusive (ISO-8601 or epoch ms)")
+    p.add_argument("--end", type=time_arg, help="until this close time, exclusive (ISO-8601 or epoch ms)")
     p.add_argument("--fee", type=_decimal, default=Decimal("0.001"), help="rate of the notional (0.001)")
     p.add_argument(
         "--slippage-bps", type=_decimal, default=Decimal(5), help="basis points against the bot (5)"
     )
     p.add_argument("--initial-cash", type=_decimal, default=Decimal(10000), help="quote currency (10000)")
+    p.add_argument(
+        "--sizing",
+        type=_sizing,
+        default="all-in",
+        help='how much a buy spends: all-in (default), {"fraction": 0.5} or {"quote": 1000}',
+    )
     p.add_argument("--out", required=True, type=Path, help="the directory for the results")
 
 
@@ -158,6 +176,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             fee=args.fee,
             slippage_bps=args.slippage_bps,
             initial_cash=args.initial_cash,
+            sizing=args.sizing,
             out=args.out,
         )
     except StrategyFailedError as exc:
@@ -194,6 +213,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings | None = None) -> int
             fee=args.fee,
             slippage_bps=args.slippage_bps,
             initial_cash=args.initial_cash,
+            sizing=args.sizing,
             metric=args.metric,
             workers=args.workers,
             out=args.out,

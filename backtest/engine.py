@@ -723,18 +723,40 @@ def backtest(series: CandleSet, config: BotConfig, *, batch_size: int = BATCH_SI
     finally:
         if collecting:
             gc.enable()
+    texts = _equity_texts(closes, _starts(series, fills).tolist(), cash, position)
+    return assemble(config, series, signals, fills, texts)
+
+
+def _starts(series: CandleSet, fills: Sequence[Fill]) -> _I64:
+    """Where each portfolio state begins: 0, then the index of each fill's candle."""
+    starts = np.searchsorted(series.ts_close, np.array([f.ts for f in fills], dtype=np.int64))
+    return np.concatenate((np.zeros(1, dtype=np.int64), starts.astype(np.int64)))
+
+
+def assemble(
+    config: BotConfig, series: CandleSet, signals: list[Signal], fills: list[Fill], equity: Sequence[str]
+) -> BacktestResult:
+    """The result of a bot's run over ``series``: its signals and fills, ``equity`` (one exact
+    string per candle: the portfolio valued at each close) and the metrics computed from them.
+
+    :func:`backtest` computes ``equity`` itself; ``tcp replay`` (backtest/replay.py) takes it
+    from the marks the bots dataflow emitted. The portfolio states are the initial cash and
+    position, then each fill's ``cash_after`` and ``position_after``.
+    """
+    if len(equity) != len(series):
+        msg = f"{len(equity)} equity values for {len(series)} candles"
+        raise BacktestError(msg)
     ts = series.ts_close
-    starts = np.searchsorted(ts, np.array([f.ts for f in fills], dtype=np.int64)).astype(np.int64)
-    starts = np.concatenate((np.zeros(1, dtype=np.int64), starts))
-    texts = pa.array(_equity_texts(closes, starts.tolist(), cash, position), pa.string())
+    starts = _starts(series, fills)
+    texts = pa.array(equity, pa.string())
     curve = EquityCurve(
         ts_close=ts,
-        close=pa.array(closes, pa.string()),
+        close=series.table.column("close").combine_chunks(),
         equity=texts,
         values=texts.cast(pa.float64()).to_numpy(),
         starts=starts,
-        cash=[fmt(c) for c in cash],
-        position=[fmt(p) for p in position],
+        cash=[fmt(config.initial_cash), *(f.cash_after for f in fills)],
+        position=["0", *(f.position_after for f in fills)],
     )
     metrics = compute_metrics(
         ts_close=ts,

@@ -48,7 +48,7 @@ from backtest.engine import (
     load_candles,
 )
 from backtest.metrics import LOWER_IS_BETTER, METRIC_NAMES, Metrics
-from bots.config import BotConfig, ParamValue, with_params
+from bots.config import BotConfig, ParamValue, Sizing, with_params
 from strategies.registry import InvalidStrategyParams, UnknownStrategyError, make_strategy
 
 __all__ = [
@@ -328,6 +328,7 @@ def run_sweep(
     fee: Decimal = Decimal("0.001"),
     slippage_bps: Decimal = Decimal(5),
     initial_cash: Decimal = Decimal(10000),
+    sizing: Sizing = "all-in",
     metric: str = "sharpe",
     workers: int | None = None,
     out: Path | None = None,
@@ -355,7 +356,8 @@ def run_sweep(
         msg = f"no valid combination in the grid: {combos[0].error}"
         raise BacktestError(msg)
     base = backtest_config(strategy=strategy, params=valid[0].params, inst_id=inst_id, timeframe=timeframe,
-                           fee=fee, slippage_bps=slippage_bps, initial_cash=initial_cash)  # fmt: skip
+                           fee=fee, slippage_bps=slippage_bps, initial_cash=initial_cash,
+                           sizing=sizing)  # fmt: skip
     configs = {c.index: with_params(base, c.params) for c in valid}
     lo = None if start is None else epoch_ms(start, what="start")
     hi = None if end is None else epoch_ms(end, what="end")

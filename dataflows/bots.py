@@ -42,6 +42,7 @@ import bytewax.operators as op
 import msgspec
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulLogic
+from bytewax.outputs import DynamicSink
 from bytewax.testing import TestingSource
 
 from bots.bot import Bot, BotStatus, encode_status
@@ -407,10 +408,12 @@ def build_flow(
     tail: bool = True,
     write_postgres: bool = True,
     write_redis: bool = True,
+    outputs_to: DynamicSink[Output] | None = None,
 ) -> Dataflow:
     """The bots dataflow over the services in ``settings`` (already ensured and migrated).
 
-    ``write_postgres=False`` / ``write_redis=False`` leave those sinks out (benchmarks, tests).
+    ``write_postgres=False`` / ``write_redis=False`` leave those sinks out (benchmarks, tests,
+    replays); ``outputs_to`` also hands every :class:`Output` to that sink (``tcp replay``).
     """
     options = BotsOptions.from_settings(settings)
     initial = tuple(bots)
@@ -444,6 +447,8 @@ def build_flow(
     by_bot = op.map("by_bot", routed, lambda kv: kv[1])  # (bot name, its items): keyed by bot
     outputs_keyed = op.stateful("bots", by_bot, lambda resume: BotLogic(options, resume))
     outputs: Stream[Output] = op.map("drop_key", outputs_keyed, lambda kv: kv[1])
+    if outputs_to is not None:
+        op.output("outputs_out", outputs, outputs_to)
 
     def events(o: Output) -> list[KafkaItem] | None:
         return [(events_topic, e.bot.encode(), encode_event(e)) for e in o.events] or None

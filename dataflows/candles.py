@@ -35,6 +35,7 @@ from typing import Any, Literal
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulLogic
+from bytewax.outputs import DynamicSink
 
 from dataflows.candle_core import Candle, Emitted, InstrumentCandles, LateTrade, encode_candle
 from dataflows.kafka_io import KafkaBatchSource, KafkaProduceSink, MessageBatch
@@ -52,6 +53,7 @@ __all__ = [
     "build_flow",
     "candle_row",
     "decode",
+    "within",
 ]  # and `flow`, lazily
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,18 @@ def decode(topic: str, batch: MessageBatch) -> Decoded:
             dead.append(DeadLetter.of(batch.values[i], reason=reason, where=where, at=at))
         log.warning("%d message(s) from %s could not be decoded: dead-lettered", len(dead), topic)
     return Decoded(by_instrument, dead)
+
+
+def within(decoded: Decoded, since_ms: int | None, until_ms: int | None) -> Decoded:
+    """``decoded`` with only the trades of ``since_ms <= ts < until_ms`` (a bound may be ``None``)."""
+    lo = -(2**63) if since_ms is None else since_ms
+    hi = 2**63 if until_ms is None else until_ms
+    kept: dict[str, list[Trade]] = {}
+    for inst_id, trades in decoded.by_instrument.items():
+        inside = [trade for trade in trades if lo <= trade.ts < hi]
+        if inside:
+            kept[inst_id] = inside
+    return Decoded(kept, decoded.dead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,20 +268,33 @@ def _kafka_item(settings: Settings, output: Output) -> KafkaItem:
 
 
 def build_flow(
-    settings: Settings, *, tail: bool = True, write_postgres: bool = True, write_redis: bool | None = None
+    settings: Settings,
+    *,
+    tail: bool = True,
+    write_postgres: bool = True,
+    write_redis: bool | None = None,
+    trades_topic: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    outputs_to: DynamicSink[Output] | None = None,
 ) -> Dataflow:
     """The candle dataflow over the services in ``settings`` (already ensured).
 
     ``write_redis`` (default: when ``settings.redis_url`` is set) publishes final and forming
-    candles on the Redis channels ``market:{inst_id}`` for live charts.
+    candles on the Redis channels ``market:{inst_id}`` for live charts. For replays
+    (backtest/replay.py): ``trades_topic`` reads another topic than ``settings``' own trades
+    topic; ``since_ms``/``until_ms`` keep only the trades with ``since_ms <= ts < until_ms``
+    (the rest is dropped, not dead-lettered); ``outputs_to`` also hands every output to that sink.
     """
     options = CandleOptions.from_settings(settings)
-    trades_topic = settings.topic(topics.TRADES)
+    trades_topic = trades_topic or settings.topic(topics.TRADES)
     dlq_topic = settings.topic(topics.DLQ)
     flow = Dataflow("candles")
 
     batches = op.input("trades_in", flow, KafkaBatchSource(settings.kafka_bootstrap, trades_topic, tail=tail))
     decoded = op.map("decode", batches, lambda batch: decode(trades_topic, batch))
+    if since_ms is not None or until_ms is not None:
+        decoded = op.map("in_range", decoded, lambda d: within(d, since_ms, until_ms))
     keyed = op.flat_map("by_instrument", decoded, lambda d: list(d.by_instrument.items()))
     dead: Stream[KafkaItem] = op.flat_map(
         "dead_letters", decoded, lambda d: [(dlq_topic, None, encode(letter)) for letter in d.dead]
@@ -275,6 +302,8 @@ def build_flow(
 
     outputs = op.stateful("candles", keyed, lambda resume: CandleLogic(options, resume))
     outputs_only: Stream[Output] = op.map("drop_key", outputs, lambda kv: kv[1])
+    if outputs_to is not None:
+        op.output("outputs_out", outputs_only, outputs_to)
 
     to_kafka = op.map("to_kafka", outputs_only, lambda o: _kafka_item(settings, o))
     kafka_sink = KafkaProduceSink(settings.kafka_bootstrap, client_id="tcp-candles")

@@ -402,12 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from backtest.cli import register as register_export
     from backtest.commands import register_backtest
+    from backtest.replay import register_replay
     from bots.cli import register as register_bots
     from tcp.run import cmd_demo
     from tcp.run import register as register_run
 
     register_export(sub)
     register_backtest(sub)
+    register_replay(sub)
     register_bots(sub, dataflow_options=dataflow_options)
     register_run(sub, speed=_parse_speed)
 

@@ -120,6 +120,20 @@ def db_results(dsn: str, config: BotConfig) -> tuple[list[tuple[Any, ...]], list
     return signals, fills
 
 
+def file_results(out: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The signals and fills a backtest or replay wrote to ``out``, as :func:`db_results` gives them."""
+    import pyarrow.parquet as pq
+
+    sig = pq.read_table(out / "signals.parquet").to_pylist()
+    fills = pq.read_table(out / "trades.parquet").to_pylist()
+    ms = lambda t: int(t.timestamp() * 1000)  # noqa: E731
+    return (
+        [(ms(x["ts_close"]), x["action"], Decimal(x["price"])) for x in sig],
+        [(ms(x["ts"]), x["side"], x["seq"], *(Decimal(x[k]) for k in ("price", "size", "fee", "cash_after")))
+         for x in fills],
+    )  # fmt: skip
+
+
 BOTS = [
     {"name": "ema-btc", "strategy": "ema_crossover", "params": {"fast": 4, "slow": 11}, "inst_id": "BTC-USDT",
      "timeframe": "1m", "fee": 0.001, "slippage_bps": 5, "initial_cash": 10000},
@@ -130,12 +144,14 @@ BOTS = [
 ]  # fmt: skip
 
 
-def test_tcp_run_exit_at_end_gives_the_plain_loop_signals_and_fills(
+def test_tcp_run_replay_and_backtest_agree_on_every_signal_and_fill(
     settings: Settings, database: str, tmp_path: Path
 ) -> None:
     """A recorded file through `tcp run --exit-at-end`: for every bot, PostgreSQL holds exactly the
     signals and fills that the same strategy and bot give over the same candles in a plain loop;
-    and those candles are the ones `tcp candles build` makes from the file."""
+    and those candles are the ones `tcp candles build` makes from the file. Then the recorded
+    topic through `tcp replay`, and `tcp backtest run` over the built candles (Parquet): the
+    same signals and fills again, and the two write byte-identical signals, trades and equity."""
     trades_file = tmp_path / "trades.jsonl"
     write_simulated(trades_file, instruments=("BTC-USDT", "ETH-USDT", "SOL-USDT"), seed=5, start_ms=START_MS,
                     end_ms=START_MS + 6 * 3_600_000, event_rate=3.0)  # fmt: skip
@@ -161,6 +177,29 @@ def test_tcp_run_exit_at_end_gives_the_plain_loop_signals_and_fills(
     assert rows(database, "SELECT name, state FROM bots ORDER BY name") == [
         ("bb-sol-5m", "running"), ("ema-btc", "running"), ("rsi-eth", "running")
     ]  # fmt: skip
+
+    # The recorded topic through the live dataflows again (tcp replay), and the built candles
+    # through the backtest engine: the same signals and fills as the live run, file for file.
+    replayed = tmp_path / "replay"
+    output = run_tcp(env, tmp_path / "replay.log", "replay", "--topic", s.topic(topics.TRADES), "--bots",
+                     str(bots_file), "--out", str(replayed), "--no-report")  # fmt: skip
+    assert all(f"  {name}: " in output for name in ("ema-btc", "rsi-eth", "bb-sol-5m")), output
+    candles_file = tmp_path / "candles.parquet"
+    run_tcp(env, tmp_path / "build.log", "candles", "build", "--input", str(trades_file), "--output",
+            str(candles_file), "--timeframes", "1m,5m")  # fmt: skip
+    for config in load_bots(bots_file):
+        backtested = tmp_path / "backtest" / config.name
+        run_tcp(env, tmp_path / f"backtest-{config.name}.log", "backtest", "run", "--strategy", config.strategy,
+                "--params", json.dumps(config.params), "--candles", str(candles_file), "--inst-id", config.inst_id,
+                "--timeframe", config.timeframe, "--fee", str(config.fee), "--slippage-bps",
+                str(config.slippage_bps), "--initial-cash", str(config.initial_cash),
+                *(["--sizing", config.sizing.model_dump_json()] if not isinstance(config.sizing, str) else []),
+                "--out", str(backtested))  # fmt: skip
+        live = db_results(database, config)
+        for result in (replayed / config.name, backtested):
+            assert file_results(result) == live, (config.name, result)
+        for name in ("signals.parquet", "trades.parquet", "equity.parquet"):
+            assert (replayed / config.name / name).read_bytes() == (backtested / name).read_bytes(), name
 
 
 # --------------------------------------------------------------------------------------------
