@@ -23,6 +23,7 @@ from pathlib import Path
 from bots.config import BotConfig, ConfigError, load_bots, validate_strategy
 from tcp import services
 from tcp.config import Settings
+from tcp.observe import serve_metrics
 
 __all__ = ["register"]
 
@@ -154,6 +155,8 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = services.ensure(settings, ("kafka", "postgres", "redis"))
     supervisor = Supervisor(settings)
+    if not args.once:
+        serve_metrics("supervisor", settings)
     if args.once:
         report = supervisor.check()
         print(

@@ -16,6 +16,7 @@ from connectors.dedupe import RecentTradeIds
 from sinks.kafka import KafkaProducer
 from tcp import topics
 from tcp.config import Settings
+from tcp.observe import DEAD_LETTERS, DUPLICATES, TRADES_IN
 from tcp.schemas import DeadLetter, Trade, encode
 
 __all__ = ["IngestStats", "run_ingest"]
@@ -43,6 +44,26 @@ class IngestStats:
         )
 
 
+@dataclass
+class _Published:
+    """What of the stats the Prometheus counters (tcp.observe) hold already; :meth:`publish`
+    adds the rest (once a second: the loop above runs per trade)."""
+
+    dlq_topic: str
+    per_instrument: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    dead_letters: int = 0
+
+    def publish(self, stats: IngestStats) -> None:
+        for inst_id, n in stats.per_instrument.items():
+            if n != self.per_instrument.get(inst_id, 0):
+                TRADES_IN.labels(inst_id).inc(n - self.per_instrument.get(inst_id, 0))
+                self.per_instrument[inst_id] = n
+        DUPLICATES.inc(stats.duplicates - self.duplicates)
+        DEAD_LETTERS.labels(self.dlq_topic).inc(stats.dead_letters - self.dead_letters)
+        self.duplicates, self.dead_letters = stats.duplicates, stats.dead_letters
+
+
 async def run_ingest(
     source: TradeSource,
     settings: Settings,
@@ -65,6 +86,7 @@ async def run_ingest(
     dlq_topic = settings.topic(topics.DLQ)
     stats = stats if stats is not None else IngestStats()
     per_instrument = stats.per_instrument
+    published = _Published(dlq_topic)
     next_progress = time.monotonic() + progress_every_s
     produce, is_new = producer.produce, dedupe.add  # bound once: this loop runs per trade
     try:
@@ -83,11 +105,14 @@ async def run_ingest(
                     log.debug("dead letter from %s: %s", item.where, item.reason)
             producer.poll(0)
             stats.trades = sum(per_instrument.values())
-            if progress is not None and time.monotonic() >= next_progress:
-                progress(stats)
+            if time.monotonic() >= next_progress:
+                published.publish(stats)
+                if progress is not None:
+                    progress(stats)
                 next_progress = time.monotonic() + progress_every_s
     finally:
         stats.trades = sum(per_instrument.values())
+        published.publish(stats)
         remaining = producer.flush(60.0)
         if remaining:
             log.error("%d messages still undelivered after 60 s of flushing", remaining)

@@ -59,6 +59,7 @@ from sinks.redis import HashSet, Publish, RedisOp, RedisSink, bot_status_key, si
 from strategies.base import Signal, encode_signal
 from tcp import topics
 from tcp.config import Settings
+from tcp.observe import BOT_EQUITY, BOT_HEARTBEAT, BOT_REALIZED_PNL
 
 __all__ = [
     "BOTS_UPSERT",
@@ -288,7 +289,22 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
                     out.marks.append(step.mark)
             if self._bot is not None and self._bot.state != before:
                 changed = True
+                if self._bot.state == "failed":
+                    failed = self._bot
+                    log.warning(
+                        "bot %s failed: %s",
+                        failed.name,
+                        failed.reason,
+                        extra={"bot": failed.name, "inst_id": failed.config.inst_id},
+                    )
         bot = self._bot
+        if bot is not None and bot.state == "failed" and changed and bot.reason:
+            log.warning(
+                "bot %s failed: %s",
+                bot.name,
+                bot.reason,
+                extra={"bot": bot.name, "inst_id": bot.config.inst_id},
+            )
         if bot is None:
             if out.events:
                 out.bot = out.events[0].bot
@@ -297,7 +313,7 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
         # The status (bots row, Redis hash) when something a user sees changed; otherwise the
         # heartbeat carries it (every bot_heartbeat_s), and the end of a finite input.
         if changed:
-            out.status = bot.status(now=now)
+            out.status = _observed(bot.status(now=now))
             self._beat = now
         return ([out] if out else []), StatefulLogic.RETAIN
 
@@ -320,7 +336,7 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
             return [], StatefulLogic.DISCARD
         now = _now_ms()
         self._beat = now
-        status = bot.status(now=now)
+        status = _observed(bot.status(now=now))
         return [
             Output(bot.name, bot.config.inst_id, bot.config.timeframe, status=status)
         ], StatefulLogic.RETAIN
@@ -345,6 +361,16 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
 
 
 @functools.lru_cache(maxsize=4096)  # the bots of a stream share their candles' close times
+def _observed(status: BotStatus) -> BotStatus:
+    """``status``, after setting the bot's gauges (heartbeat, equity, realized P&L)."""
+    name = status.name
+    BOT_HEARTBEAT.labels(name).set(status.heartbeat / 1000)
+    if status.equity is not None:
+        BOT_EQUITY.labels(name).set(float(status.equity))
+    BOT_REALIZED_PNL.labels(name).set(float(status.realized_pnl))
+    return status
+
+
 def _ts(ms: int | None) -> datetime | None:
     return None if ms is None else _EPOCH + ms * _MS
 

@@ -44,6 +44,7 @@ from sinks.postgres import Upsert
 from sinks.redis import Publish, RedisOp, RedisSink, market_channel
 from tcp import topics
 from tcp.config import Settings
+from tcp.observe import CANDLES_OUT, DEAD_LETTERS, LATE_TRADES, TRADES_IN
 from tcp.schemas import DeadLetter, Trade, decode_trades, encode
 
 __all__ = [
@@ -115,8 +116,11 @@ def decode(topic: str, batch: MessageBatch) -> Decoded:
             by_instrument[trade.inst_id] = [trade]
         else:
             group.append(trade)
+    for inst_id, group in by_instrument.items():
+        TRADES_IN.labels(inst_id).inc(len(group))
     dead: list[DeadLetter] = []
     if bad:
+        DEAD_LETTERS.labels(topic).inc(len(bad))
         at = _now_ms()
         for i, reason in bad:
             where = f"{topic}[{batch.partition}]@{batch.offsets[i]}"
@@ -221,6 +225,10 @@ class CandleLogic(StatefulLogic[list[Trade], Output, "bytes | None"]):
     def _emit(emitted: Emitted) -> list[Output]:
         out: list[Output] = [("final", candle) for candle in emitted.candles]
         out.extend(("late", late) for late in emitted.late)
+        for candle in emitted.candles:
+            CANDLES_OUT.labels(candle.inst_id, candle.timeframe).inc()
+        if emitted.late:
+            LATE_TRADES.labels(emitted.late[0].trade.inst_id).inc(len(emitted.late))
         return out
 
     def _maybe_live(self, now: int, out: list[Output]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +36,7 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from confluent_kafka.admin import AdminClient
 
 from sinks.kafka import KafkaProducer
+from tcp.observe import CONSUMER_LAG
 
 __all__ = [
     "KafkaBatchSource",
@@ -64,6 +66,8 @@ PartitionState = tuple[int, str | None]
 _Resume = PartitionState | int
 
 _IDLE_POLL = timedelta(milliseconds=2)
+#: How often a partition reports its consumer lag (tcp.observe.CONSUMER_LAG).
+_LAG_EVERY_S = 5.0
 _EOF = ConfluentKafkaError._PARTITION_EOF
 _OFFSET_RESET = ConfluentKafkaError._AUTO_OFFSET_RESET
 _NO_TOPIC_IDS = (ConfluentKafkaError._UNSUPPORTED_FEATURE, ConfluentKafkaError.UNSUPPORTED_VERSION)
@@ -116,6 +120,8 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         self._consumer.assign([TopicPartition(topic, part, offset)])
         self._eof = False
         self._awake: datetime | None = None
+        self._lag = CONSUMER_LAG.labels(topic, str(part))
+        self._lag_due = 0.0
 
     def next_batch(self) -> list[MessageBatch]:
         if self._eof:
@@ -126,6 +132,8 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         self._awake = None
         if not msgs:
             self._awake = datetime.now(tz=UTC) + _IDLE_POLL  # nothing now: look again shortly
+            if time.monotonic() >= self._lag_due:
+                self._report_lag()
             return []
         failed = [msg for msg in msgs if msg.error() is not None]
         if failed:
@@ -138,7 +146,19 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         offsets: list[int] = [msg.offset() for msg in msgs]  # type: ignore[misc]  # never None here
         batch = MessageBatch(self._part, values, offsets)
         self._offset = batch.offsets[-1] + 1
+        if time.monotonic() >= self._lag_due:
+            self._report_lag()
         return [batch]
+
+    def _report_lag(self) -> None:
+        """``tcp_consumer_lag``: the partition's end (as of the last fetch: librdkafka's cached high
+        watermark, no broker round trip) minus the next offset to read. Every few seconds."""
+        self._lag_due = time.monotonic() + _LAG_EVERY_S
+        _low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, self._part), cached=True
+        )
+        if high >= 0:
+            self._lag.set(max(0, high - self._offset))
 
     def _failed(self, error: ConfluentKafkaError) -> None:
         """End of the partition (finite input), or an error that stops the dataflow."""

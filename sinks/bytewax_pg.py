@@ -9,12 +9,14 @@ retries, which stalls the dataflow instead of growing memory (backpressure).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from sinks.postgres import PostgresWriter, Upsert
+from tcp.observe import SINK_ROWS, SINK_SECONDS
 
 __all__ = ["PostgresSink", "Row"]
 
@@ -23,14 +25,20 @@ Row = Sequence[Any]
 
 
 class _Partition(StatelessSinkPartition[list[Row]]):
-    def __init__(self, writer: PostgresWriter, max_rows: int) -> None:
+    def __init__(self, writer: PostgresWriter, max_rows: int, table: str) -> None:
         self._writer = writer
         self._max_rows = max_rows
+        self._rows_metric = SINK_ROWS.labels(f"postgres:{table}")
+        self._seconds_metric = SINK_SECONDS.labels(f"postgres:{table}")
 
     def write_batch(self, items: list[list[Row]]) -> None:
         rows = [row for chunk in items for row in chunk]
         for start in range(0, len(rows), self._max_rows):
-            self._writer.write(rows[start : start + self._max_rows])
+            chunk = rows[start : start + self._max_rows]
+            began = time.perf_counter()
+            self._writer.write(chunk)
+            self._seconds_metric.observe(time.perf_counter() - began)
+            self._rows_metric.observe(len(chunk))
 
     def close(self) -> None:
         self._writer.close()
@@ -49,4 +57,4 @@ class PostgresSink(DynamicSink[list[Row]]):
         self._max_rows = max_rows
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Partition:
-        return _Partition(PostgresWriter(self._dsn, self._upsert), self._max_rows)
+        return _Partition(PostgresWriter(self._dsn, self._upsert), self._max_rows, self._upsert.table)

@@ -29,6 +29,15 @@ from typing import TYPE_CHECKING, TextIO
 
 from tcp import services
 from tcp.config import Settings
+from tcp.observe import (
+    Endpoint,
+    configure_logging,
+    endpoints,
+    scrape,
+    serve_metrics,
+    summary_rows,
+    watch_counts,
+)
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, per command
     from bytewax.dataflow import Dataflow
@@ -96,7 +105,19 @@ def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"{row.service:<10}{row.mode:<26}{'yes' if row.up else 'no':<5}{row.pid or '-'!s:<8}{row.address}"
         )
+    running = endpoints(settings)
+    if running:
+        print()
+        for line in summary_rows((e, _scraped(e)) for e in running):
+            print(line)
     return 0 if all(row.up for row in rows) else 1
+
+
+def _scraped(endpoint: Endpoint) -> dict[str, float] | str:
+    try:
+        return scrape(endpoint)
+    except OSError as exc:
+        return str(exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +130,7 @@ def _ingest(settings: Settings, source_factory: Callable[[Settings], TradeSource
 
     settings = services.ensure(settings, ("kafka",))
     ensure_topics(settings)
+    serve_metrics("ingest", settings)
     source = source_factory(settings)
     progress = Progress(label)
     stats = IngestStats()
@@ -126,7 +148,13 @@ def ingest_okx(settings: Settings, instruments: Sequence[str]) -> int:
     """Live OKX trades into Kafka until Ctrl-C."""
     from connectors.okx import OkxTradeSource
 
-    return _ingest(settings, lambda s: OkxTradeSource.from_settings(s, instruments=tuple(instruments)), "okx")
+    def source(s: Settings) -> OkxTradeSource:
+        okx = OkxTradeSource.from_settings(s, instruments=tuple(instruments))
+        watch_counts(lambda: {"tcp_reconnects": okx.stats.reconnects, "tcp_backfilled_trades": okx.stats.backfilled,
+                              "tcp_backfill_failures": okx.stats.backfill_failures})  # fmt: skip
+        return okx
+
+    return _ingest(settings, source, "okx")
 
 
 def ingest_replay(settings: Settings, path: Path, speed: str) -> int:
@@ -227,6 +255,7 @@ def run_dataflow(name: str, flow: Dataflow, args: argparse.Namespace, settings: 
 
     from dataflows.kafka_io import TopicResetError
 
+    serve_metrics(name, settings)
     addresses = args.addresses.split(",") if args.addresses else None
     recovery = None
     directory = None
@@ -421,10 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.load()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else getattr(logging, settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.command, settings, verbose=args.verbose)
     try:
         return int(args.func(args, settings))
     except services.ServiceError as exc:

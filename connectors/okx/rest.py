@@ -144,6 +144,7 @@ class OkxRestClient:
                 len(found),
                 after_trade_id,
                 cursor,
+                extra={"inst_id": inst_id},
             )
         return [found[trade_id] for trade_id in sorted(found)]
 

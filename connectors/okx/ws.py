@@ -343,7 +343,8 @@ class OkxTradeSource:
             await queue.put(frame.items)
         elif kind is FrameKind.SUBSCRIBED:
             state.healthy = True
-            log.debug("subscribed %s %s (connId %s)", frame.channel, frame.inst_id, frame.conn_id)
+            log.debug("subscribed %s %s (connId %s)", frame.channel, frame.inst_id, frame.conn_id,
+                      extra={"inst_id": frame.inst_id})  # fmt: skip
             self._after_ack(frame.inst_id, state, queue, tasks)
         elif kind is FrameKind.ERROR:
             self._on_error(frame)
@@ -419,7 +420,11 @@ class OkxTradeSource:
         except OkxRestError as exc:
             self.stats.backfill_failures += 1
             log.error(
-                "backfill of %s after trade %d failed, trades may be missing: %s", inst_id, after_id, exc
+                "backfill of %s after trade %d failed, trades may be missing: %s",
+                inst_id,
+                after_id,
+                exc,
+                extra={"inst_id": inst_id},
             )
             return
         dead = self.rest.take_dead_letters()
@@ -428,7 +433,8 @@ class OkxTradeSource:
             self.last_trade_ids[inst_id] = trades[-1].trade_id
         self.stats.backfilled += len(trades)
         self.stats.dead_letters += len(dead)
-        log.info("backfilled %d trades of %s after trade %d", len(trades), inst_id, after_id)
+        log.info("backfilled %d trades of %s after trade %d", len(trades), inst_id, after_id,
+                 extra={"inst_id": inst_id})  # fmt: skip
         for start in range(0, len(trades), _BACKFILL_CHUNK):
             await queue.put(list(trades[start : start + _BACKFILL_CHUNK]))
         if dead:
@@ -445,7 +451,8 @@ class OkxTradeSource:
         try:
             page = await self.rest.history_trades(inst_id)
         except OkxRestError as exc:
-            log.warning("could not read the latest trades of %s (no backfill anchor): %s", inst_id, exc)
+            log.warning("could not read the latest trades of %s (no backfill anchor): %s", inst_id, exc,
+                        extra={"inst_id": inst_id})  # fmt: skip
             return
         finally:
             self._anchoring.discard(inst_id)
