@@ -298,13 +298,6 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
                         extra={"bot": failed.name, "inst_id": failed.config.inst_id},
                     )
         bot = self._bot
-        if bot is not None and bot.state == "failed" and changed and bot.reason:
-            log.warning(
-                "bot %s failed: %s",
-                bot.name,
-                bot.reason,
-                extra={"bot": bot.name, "inst_id": bot.config.inst_id},
-            )
         if bot is None:
             if out.events:
                 out.bot = out.events[0].bot
@@ -360,7 +353,6 @@ class BotLogic(StatefulLogic[list[Item], Output, bytes]):
 # Step 5: outputs
 
 
-@functools.lru_cache(maxsize=4096)  # the bots of a stream share their candles' close times
 def _observed(status: BotStatus) -> BotStatus:
     """``status``, after setting the bot's gauges (heartbeat, equity, realized P&L)."""
     name = status.name
@@ -371,6 +363,7 @@ def _observed(status: BotStatus) -> BotStatus:
     return status
 
 
+@functools.lru_cache(maxsize=4096)  # the bots of a stream share their candles' close times
 def _ts(ms: int | None) -> datetime | None:
     return None if ms is None else _EPOCH + ms * _MS
 
