@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     # Bytewax recovery: snapshots of operator state and input offsets, one subdirectory per
     # dataflow (<dir>/candles, <dir>/archive, ...). Empty: <home>/recovery.
     recovery_dir: Path | None = None
+    # The Parquet lake (backtest/lake.py: tcp export lake|topic, tcp sql). Empty: <home>/lake.
+    lake_dir: Path | None = None
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
     # Observability (tcp/observe.py): log lines as text or JSON; every service serves Prometheus
