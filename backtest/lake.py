@@ -44,8 +44,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,17 +233,16 @@ def _schema(table: _Table, decimals: bool) -> pa.Schema:
 
 
 def _array(kind: Kind, values: list[Any], decimals: bool) -> pa.Array:
+    """A column as selected: times as epoch microseconds, numerics as PostgreSQL's text."""
     if kind == "time":
-        us = [None if v is None else (v - _EPOCH) // timedelta(microseconds=1) for v in values]
-        return pa.array(us, pa.int64()).cast(_TIME)
-    if kind in ("decimal", "money"):
-        texts = [_canonical(v) for v in values]
-        if kind == "money" or not decimals:
-            return pa.array(texts, pa.string())
-        try:
-            return pa.array([None if t is None else Decimal(t) for t in texts], _DECIMAL)
+        return pa.array(values, pa.int64()).cast(_TIME)
+    if kind == "decimal" and decimals:
+        try:  # Arrow's cast is exact: it refuses a value it would have to round
+            return pa.array(values, pa.string()).cast(_DECIMAL)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise _DoesNotFit(str(exc)) from exc
+    if kind in ("decimal", "money"):
+        return pa.array([_canonical(v) for v in values], pa.string())
     return pa.array(values, _arrow_type(kind, decimals))
 
 
@@ -258,18 +256,18 @@ def _batch(table: _Table, schema: pa.Schema, rows: Sequence[tuple[Any, ...]], de
 # Writing partitions
 
 
-def _partition_dir(root: Path, table: str, inst_id: str, day: date) -> Path:
+def _partition_dir(root: Path, table: str, inst_id: str, day: str) -> Path:
     if not inst_id or "/" in inst_id or inst_id.startswith("."):
         msg = f"{table}: cannot make a partition for the instrument {inst_id!r}"
         raise ValueError(msg)
-    return root / table / f"inst_id={inst_id}" / f"date={day.isoformat()}"
+    return root / table / f"inst_id={inst_id}" / f"date={day}"
 
 
 def write_partitioned(
     root: Path,
     table: str,
     schema: pa.Schema,
-    groups: Iterable[tuple[tuple[str, date], pa.Table]],
+    groups: Iterable[tuple[tuple[str, str], pa.Table]],
     *,
     name: str,
 ) -> dict[Path, int]:
@@ -278,7 +276,7 @@ def write_partitioned(
     together (the caller orders by partition). Returns rows per file written."""
     written: dict[Path, int] = {}
     writer: pq.ParquetWriter | None = None
-    current: tuple[str, date] | None = None
+    current: tuple[str, str] | None = None
     path = Path()
     try:
         for part, batch in groups:
@@ -300,16 +298,21 @@ def write_partitioned(
     return written
 
 
+def _column(name: str, kind: Kind) -> sql.Composable:
+    """How a column is selected: numerics and JSON as text (exact), times as epoch microseconds
+    (cheaper than datetimes in Python; ``extract`` is exact numeric)."""
+    if kind in ("decimal", "money", "json"):
+        return sql.SQL("{}::text").format(sql.Identifier(name))
+    if kind == "time":
+        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(sql.Identifier(name))
+    return sql.Identifier(name)
+
+
 def _select(table: _Table) -> sql.Composed:
-    columns = [
-        sql.SQL("{}::text").format(sql.Identifier(name))
-        if kind in ("decimal", "money", "json")
-        else sql.Identifier(name)
-        for name, kind in table.columns
-    ]
+    columns = [_column(name, kind) for name, kind in table.columns]
     time_column = sql.Identifier(table.time_column)
     return sql.SQL(
-        "SELECT inst_id, ({time} AT TIME ZONE 'UTC')::date AS day, {columns} FROM {source} "
+        "SELECT inst_id, to_char({time} AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, {columns} FROM {source} "
         "WHERE written_at >= %s AND written_at < %s ORDER BY inst_id, day, {key}"
     ).format(
         time=time_column,
@@ -321,10 +324,10 @@ def _select(table: _Table) -> sql.Composed:
 
 def _groups(
     cur: psycopg.Cursor[Any], table: _Table, schema: pa.Schema, decimals: bool
-) -> Iterator[tuple[tuple[str, date], pa.Table]]:
+) -> Iterator[tuple[tuple[str, str], pa.Table]]:
     """The cursor's rows as Arrow tables of one partition each (at most ``_CHUNK`` rows)."""
     pending: list[tuple[Any, ...]] = []
-    part: tuple[str, date] | None = None
+    part: tuple[str, str] | None = None
     while rows := cur.fetchmany(_CHUNK):
         for row in rows:
             key = (row[0], row[1])
@@ -532,12 +535,12 @@ def _trade_rows(trades: list[Any], stamps: list[int]) -> list[tuple[Any, ...]]:
     """Trades (tcp.schemas.Trade) as lake rows: inst_id, day, then the trades columns; the
     message time stamp as ``written_at`` (when the trade reached Kafka)."""
 
-    def at(ms: int | None) -> datetime | None:
-        return None if ms is None else _EPOCH + timedelta(milliseconds=ms)
+    def day(ms: int) -> str:
+        return (_EPOCH + timedelta(milliseconds=ms)).date().isoformat()
 
     return [
-        (t.inst_id, at(t.ts).date(), t.trade_id, at(t.ts), t.px, t.sz, t.side, t.count, t.source,  # type: ignore[union-attr]
-         t.seq_id, t.origin, at(t.received_at or None), at(stamp))
+        (t.inst_id, day(t.ts), t.trade_id, t.ts * 1000, t.px, t.sz, t.side, t.count, t.source, t.seq_id, t.origin,
+         t.received_at * 1000 if t.received_at else None, stamp * 1000)
         for t, stamp in zip(trades, stamps, strict=True)
     ]  # fmt: skip
 
@@ -546,7 +549,7 @@ def _trade_rows(trades: list[Any], stamps: list[int]) -> list[tuple[Any, ...]]:
 _TOPIC_HOLD = 500_000
 
 
-def _flush(root: Path, pending: dict[tuple[str, date], list[tuple[Any, ...]]], name: str) -> dict[Path, int]:
+def _flush(root: Path, pending: dict[tuple[str, str], list[tuple[Any, ...]]], name: str) -> dict[Path, int]:
     """One file per partition held, rows in trade id order (strings where decimals do not fit)."""
     table = _TABLES["trades"]
     written: dict[Path, int] = {}
@@ -588,7 +591,7 @@ def export_topic(
         raise ValueError(msg)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tcp-export-topic", "enable.auto.commit": False,
                          "enable.partition.eof": True, "fetch.queue.backoff.ms": 10})  # fmt: skip
-    pending: dict[tuple[str, date], list[tuple[Any, ...]]] = {}
+    pending: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     outside = invalid = held = 0
     flushes: list[int] = []
     written: dict[Path, int] = {}

@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backtest_bench, bots_bench, candles_bench, ingest_bench, stream_bench  # noqa: E402
+from bench import backtest_bench, bots_bench, candles_bench, ingest_bench, lake_bench, stream_bench  # noqa: E402
 from bench.common import SCALE_ENV, Row, machine, scale, scaled, table  # noqa: E402
 from tcp import services  # noqa: E402
 from tcp.config import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest")
+SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest", "lake")
 #: Sections that need no Kafka, PostgreSQL or Redis.
 LOCAL_SECTIONS = frozenset({"backtest"})
 
@@ -115,6 +115,18 @@ def _check_ratio_targets(rows: list[Row]) -> list[Row]:
     return rows
 
 
+LAKE_NOTES = """\
+2,000,000 trades (9 instruments, one day) COPYed into `trades` of the bench database. Export:
+`export_lake` (what `tcp export lake` runs), a first run that takes every row: server-side
+cursor, exact decimals (decimal128(38, 18)), one zstd Parquet file per instrument and day.
+Baseline: `COPY (SELECT ...) TO STDOUT` of the same columns read to the end, not parsed (the
+floor of getting the rows out of PostgreSQL). Reads: DuckDB over the lake, `count(*)` and the
+exact `sum(px)` and `sum(sz)` per instrument, through the `trades` view of `tcp sql` (one row per
+(inst_id, trade_id): a window over all rows) and, for context, over the files directly; best of
+3. Baseline: `pyarrow.parquet.read_table` of the same files.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run the benchmarks; write BENCHMARKS.md")
     parser.add_argument(
@@ -188,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         "Backtests: the engine over 1,000,000 candles, and sweeps",
         BACKTEST_NOTES,
         lambda: backtest_bench.engine_rows() + backtest_bench.sweep_rows(),
+    )
+    section(
+        "lake",
+        "The Parquet lake: export from PostgreSQL, DuckDB reads",
+        LAKE_NOTES,
+        lambda: lake_bench.lake_rows(settings),
     )
 
     load_after = os.getloadavg()
