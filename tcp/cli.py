@@ -170,13 +170,25 @@ def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         return ingest_okx(settings, args.instruments.split(",") if args.instruments else settings.instruments)
     if args.source == "replay":
         return ingest_replay(settings, Path(args.file), args.speed)
-    from connectors.simulate import SimulatedSource
-
     instruments = tuple(args.instruments.split(",")) if args.instruments else settings.instruments
     rate = None if args.rate == "max" else float(args.rate)
+    return ingest_simulate(settings, instruments, seed=args.seed, trades=args.trades, rate=rate)
+
+
+def ingest_simulate(
+    settings: Settings,
+    instruments: Sequence[str],
+    *,
+    seed: int = 0,
+    trades: int | None = None,
+    rate: float | None = 1.0,
+) -> int:
+    """Simulated trades into Kafka (``rate`` 1: event time follows the wall clock; ``None``: as fast as possible)."""
+    from connectors.simulate import SimulatedSource
+
     return _ingest(
         settings,
-        lambda s: SimulatedSource(instruments=instruments, seed=args.seed, trades=args.trades, rate=rate),
+        lambda s: SimulatedSource(instruments=tuple(instruments), seed=seed, trades=trades, rate=rate),
         "simulate",
     )
 
@@ -432,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     from backtest.cli import register as register_export
     from backtest.commands import register_backtest
     from backtest.replay import register_replay
+    from bokeh_app.server import register as register_dashboard
     from bots.cli import register as register_bots
     from tcp.run import cmd_demo
     from tcp.run import register as register_run
@@ -439,10 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub)
     register_backtest(sub)
     register_replay(sub)
+    register_dashboard(sub)
     register_bots(sub, dataflow_options=dataflow_options)
     register_run(sub, speed=_parse_speed)
 
-    p = sub.add_parser("demo", help="start what is missing and run the demo end to end")
+    p = sub.add_parser(
+        "demo", help="start what is missing, run the demo end to end, then serve the dashboard live"
+    )
+    p.add_argument("--port", type=int, default=5006, help="the dashboard's port (5006)")
+    p.add_argument(
+        "--no-serve", action="store_true", help="stop after the end-to-end run (no live part, no dashboard)"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

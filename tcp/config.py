@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     lake_dir: Path | None = None
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
+    # The dashboard (bokeh_app/auth.py): anyone who reaches it may look; controls need a login
+    # as dashboard_user / dashboard_password (no password: read-only). The cookie secret signs
+    # the login cookie (empty: a random one per server start, so logins end with a restart).
+    dashboard_user: str = "admin"
+    dashboard_password: SecretStr | None = None
+    dashboard_cookie_secret: SecretStr | None = None
+
     # Observability (tcp/observe.py): log lines as text or JSON; every service serves Prometheus
     # metrics on metrics_addr:metrics_port (0: a free port, announced in <home>/run/).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

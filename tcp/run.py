@@ -39,7 +39,13 @@ def register(
     p = sub.add_parser("run", help="everything live: ingest, candles, archive, bots, supervisor")
     p.add_argument("--input", type=Path, help="replay this file (OKX frames as JSON lines, or a trade CSV)")
     p.add_argument("--speed", type=speed, default="max", help="replay speed: 1 = real time, max (default)")
+    p.add_argument(
+        "--simulate", action="store_true", help="live simulated trades (wall-clock pace) instead of OKX"
+    )
     p.add_argument("--bots", type=Path, help="a JSON file of bot configs to create and start")
+    p.add_argument(
+        "--dashboard", type=int, metavar="PORT", help="also serve the dashboard on this port (live runs)"
+    )
     p.add_argument(
         "--exit-at-end",
         action="store_true",
@@ -73,6 +79,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if args.exit_at_end and args.input is None:
         print("error: --exit-at-end needs --input FILE (a live feed has no end)", file=sys.stderr)
         return 2
+    if args.input is not None and getattr(args, "simulate", False):
+        print("error: --input and --simulate are two inputs: choose one", file=sys.stderr)
+        return 2
     if args.bots is not None:
         try:
             for config in load_bots(args.bots):
@@ -88,14 +97,19 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         flows.append(("archive", ["archive", "run"]))
     if args.exit_at_end:
         return _end_to_end(args, settings, env, flows, bots_args)
-    return _live(args, settings, env, [*flows, ("bots", bots_args)])
+    stages = [*flows, ("bots", bots_args)]
+    if getattr(args, "dashboard", None):
+        stages.append(("dashboard", ["dashboard", "--port", str(args.dashboard)]))
+    return _live(args, settings, env, stages)
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from tcp.cli import ingest_okx, ingest_replay
+    from tcp.cli import ingest_okx, ingest_replay, ingest_simulate
 
     if args.input is not None:
         return ingest_replay(settings, args.input, args.speed)
+    if getattr(args, "simulate", False):
+        return ingest_simulate(settings, settings.instruments, seed=int(time.time()), rate=1.0)
     return ingest_okx(settings, settings.instruments)
 
 
@@ -159,7 +173,8 @@ def _live(
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """``make demo``: services up, the bundled sample through ``tcp run --exit-at-end`` with the
-    demo bots, then what PostgreSQL holds and where to look."""
+    demo bots, what PostgreSQL holds, then (unless ``--no-serve``) live simulated trades and the
+    dashboard until Ctrl-C."""
     from importlib import resources
 
     from tcp import services
@@ -186,10 +201,36 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     ):
         run_args = argparse.Namespace(input=sample, speed="max", bots=bots, exit_at_end=True)
         code = cmd_run(run_args, ready)
-    if code:
-        return code
-    _summary(ready)
-    return 0
+        if code:
+            return code
+        _summary(ready)
+        if args.no_serve:
+            return 0
+        return _serve_live(ready, bots, args.port)
+
+
+def _serve_live(settings: Settings, bots: Path, port: int) -> int:
+    """After the recorded sample: simulated trades live (wall-clock pace) through the same
+    dataflows, which go on from where the sample ended (same topics, same recovery), and the
+    dashboard on ``port``. Controls need a login: a password is made up unless
+    TCP_DASHBOARD_PASSWORD is set."""
+    import secrets
+
+    from pydantic import SecretStr
+
+    password = settings.dashboard_password
+    if password is None:
+        password = SecretStr(secrets.token_urlsafe(9))
+        settings = settings.model_copy(update={"dashboard_password": password})
+    print(f"\nThe dashboard: http://127.0.0.1:{port}/  (log in as {settings.dashboard_user} / "
+          f"{password.get_secret_value()} for the bot controls)", flush=True)  # fmt: skip
+    print(
+        "Live now: simulated trades at wall-clock pace through the same dataflows. Ctrl-C stops.", flush=True
+    )
+    live_args = argparse.Namespace(
+        input=None, speed="max", simulate=True, bots=bots, exit_at_end=False, dashboard=port
+    )
+    return cmd_run(live_args, settings)
 
 
 def _summary(settings: Settings) -> None:

@@ -1,0 +1,176 @@
+"""What the dashboard reads: candles, indicators, fills and bots (PostgreSQL), and the checks of
+everything a page sends on (bot names, params).
+
+Every function here blocks (database round trips): the pages call them on a worker thread and
+hand the result to their document with ``add_next_tick_callback``, never in a Bokeh callback.
+Queries are parameterised; identifiers never come from the page.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from strategies.indicators import EMA, MACD, RSI, BollingerBands
+from tcp.timeframes import parse_timeframe
+
+__all__ = [
+    "CANDLE_FIELDS",
+    "BotRow",
+    "bots",
+    "candle_rows",
+    "check_bot_name",
+    "fills",
+    "indicator_columns",
+    "instruments",
+]
+
+#: The columns of a chart's candle source (times as datetimes for Bokeh, prices as floats for
+#: drawing only; exact values are exported from PostgreSQL, never from these).
+CANDLE_FIELDS = ("ts", "open", "high", "low", "close", "volume")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_INSTRUMENT = re.compile(r"^[A-Z0-9]{1,20}(-[A-Z0-9]{1,20}){1,3}$")
+
+
+def check_bot_name(name: str) -> str:
+    """A bot name a page may send: letters, digits, ``_.-``, at most 64 (``ValueError`` otherwise)."""
+    if not _NAME.match(name):
+        msg = f"a bot name is 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}"
+        raise ValueError(msg)
+    return name
+
+
+def check_stream(inst_id: str, timeframe: str) -> tuple[str, str]:
+    """An instrument and timeframe a page may query (``ValueError`` otherwise)."""
+    if not _INSTRUMENT.match(inst_id):
+        msg = f"not an instrument id like BTC-USDT: {inst_id!r}"
+        raise ValueError(msg)
+    parse_timeframe(timeframe)  # raises ValueError with the reason
+    return inst_id, timeframe
+
+
+def instruments(dsn: str) -> list[str]:
+    """Instruments that have candles, alphabetically."""
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        return [r[0] for r in conn.execute("SELECT DISTINCT inst_id FROM candles ORDER BY 1").fetchall()]
+
+
+def candle_rows(
+    dsn: str,
+    inst_id: str,
+    timeframe: str,
+    *,
+    end: datetime | None = None,
+    limit: int = 2000,
+    exact: bool = False,
+) -> list[tuple[Any, ...]]:
+    """The last ``limit`` final candles of a stream before ``end`` (default: all), oldest first:
+    (ts_close, open, high, low, close, volume) with floats, or with ``exact`` the stored text."""
+    check_stream(inst_id, timeframe)
+    kind = "text" if exact else "float8"
+    query = (
+        f"SELECT ts_close, open::{kind}, high::{kind}, low::{kind}, close::{kind}, volume::{kind} FROM candles "  # noqa: S608 - kind is one of two constants
+        "WHERE inst_id = %s AND timeframe = %s AND ts_close < %s ORDER BY ts_close DESC LIMIT %s"
+    )
+    bound = end or datetime(9999, 1, 1, tzinfo=UTC)
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        rows = conn.execute(query, (inst_id, timeframe, bound, limit)).fetchall()
+    rows.reverse()
+    return rows
+
+
+def _series(values: list[float | None]) -> list[float]:
+    return [math.nan if v is None else v for v in values]
+
+
+def indicator_columns(closes: list[float]) -> dict[str, list[float]]:
+    """EMA 12/26, Bollinger 20/2, RSI 14 and MACD 12/26/9 of the closes, with the strategies'
+    own streaming indicators (so a chart shows the numbers a strategy sees); NaN in warm-up."""
+    ema_fast, ema_slow, rsi = EMA(12), EMA(26), RSI(14)
+    bands, macd = BollingerBands(20, k=2.0), MACD(12, 26, 9)
+    out: dict[str, list[float | None]] = {k: [] for k in ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower",
+                                                         "rsi", "macd", "macd_signal", "macd_hist")}  # fmt: skip
+    for x in closes:
+        out["ema12"].append(ema_fast.update(x))
+        out["ema26"].append(ema_slow.update(x))
+        out["rsi"].append(rsi.update(x))
+        band = bands.value if bands.update(x) else None
+        out["bb_mid"].append(band.middle if band else None)
+        out["bb_upper"].append(band.upper if band else None)
+        out["bb_lower"].append(band.lower if band else None)
+        m = macd.value if macd.update(x) else None
+        out["macd"].append(m.line if m else None)
+        out["macd_signal"].append(m.signal if m else None)
+        out["macd_hist"].append(m.hist if m else None)
+    return {k: _series(v) for k, v in out.items()}
+
+
+def fills(dsn: str, bot: str, *, start: datetime, end: datetime) -> list[tuple[datetime, str, float]]:
+    """A bot's fills in ``start <= ts < end``: (ts, side, price as float for drawing)."""
+    check_bot_name(bot)
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        return conn.execute(
+            "SELECT ts, side, price::float8 FROM bot_trades WHERE bot = %s AND ts >= %s AND ts < %s ORDER BY ts",
+            (bot, start, end),
+        ).fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class BotRow:
+    """One line of the bots table (money as the exact stored text)."""
+
+    name: str
+    state: str
+    strategy: str
+    inst_id: str
+    timeframe: str
+    position: str
+    equity: str
+    realized_pnl: str
+    num_trades: int
+    heartbeat_age_s: float | None
+    reason: str
+
+
+def bots(dsn: str, *, now: datetime | None = None) -> list[BotRow]:
+    """Every bot of the ``bots`` table, by name."""
+    now = now or datetime.now(tz=UTC)
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT name, state, strategy, inst_id, timeframe, position::text, coalesce(equity::text, ''), "
+            "realized_pnl::text, num_trades, last_heartbeat, coalesce(reason, '') FROM bots ORDER BY name"
+        ).fetchall()
+    return [
+        BotRow(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            _plain(r[5]),
+            _plain(r[6]),
+            _plain(r[7]),
+            r[8],
+            None if r[9] is None else (now - r[9]) / timedelta(seconds=1),
+            r[10],
+        )  # fmt: skip
+        for r in rows
+    ]
+
+
+def _plain(text: str) -> str:
+    if "." not in text:
+        return text
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def epoch_ms(value: datetime) -> int:
+    return (value - _EPOCH) // timedelta(milliseconds=1)

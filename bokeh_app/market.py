@@ -1,0 +1,360 @@
+"""The Market page: candles and volume of one stream, overlays, indicator panes, a bot's fills, live.
+
+* History comes from PostgreSQL (the last ``HISTORY`` final candles, on a worker thread).
+* Live: the hub hands over ``market:{inst_id}`` messages; a FINAL candle of the shown stream is
+  appended with ``ColumnDataSource.stream`` (its indicators updated by the same streaming
+  objects, so nothing is recomputed), the FORMING candle is a one-row source updated with
+  ``patch``. Nothing is ever redrawn whole by a live update.
+* History mode: panning or zooming (or "Load older") stops live updates from moving the view;
+  "Follow live" moves it back to the newest candles.
+* Export: the visible candles as CSV or JSON with the EXACT stored values (read again from
+  PostgreSQL, not the floats drawn), downloaded by the browser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bokeh import events
+from bokeh.document import Document
+from bokeh.layouts import column, row
+from bokeh.models import ColumnDataSource, CustomJS, HoverTool, Range1d
+from bokeh.models.widgets import Button, CheckboxGroup, Div, Select
+from bokeh.plotting import figure
+
+from bokeh_app import data
+from bokeh_app.context import AppContext, choices, in_background
+from strategies.indicators import EMA, MACD, RSI, BollingerBands
+
+__all__ = ["HISTORY", "MarketPage"]
+
+log = logging.getLogger(__name__)
+
+#: Final candles loaded when a stream is chosen, and kept at most (older ones roll over).
+HISTORY = 2_000
+#: Candles in view when following live.
+IN_VIEW = 120
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INDICATORS = ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower", "rsi", "macd", "macd_signal", "macd_hist")
+_OVERLAYS = ("EMA 12/26", "Bollinger 20/2")
+_DOWNLOAD = CustomJS(
+    code="""
+    const d = cb_obj.data;
+    if (!d.text || d.text.length === 0) { return; }
+    const blob = new Blob([d.text[0]], {type: d.mime[0]});
+    const link = document.createElement('a');
+    link.href = URL.createObjectURL(blob);
+    link.download = d.name[0];
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    """
+)
+
+
+def _empty() -> dict[str, list[Any]]:
+    return {k: [] for k in (*data.CANDLE_FIELDS, "width", "color", *_INDICATORS)}
+
+
+class _Indicators:
+    """The streaming indicators of the shown stream, continued candle by candle when live."""
+
+    def __init__(self) -> None:
+        self.ema12, self.ema26, self.rsi = EMA(12), EMA(26), RSI(14)
+        self.bands, self.macd = BollingerBands(20, k=2.0), MACD(12, 26, 9)
+
+    def update(self, x: float) -> dict[str, float]:
+        band = self.bands.value if self.bands.update(x) else None
+        m = self.macd.value if self.macd.update(x) else None
+        nan = math.nan
+        values = {
+            "ema12": self.ema12.update(x), "ema26": self.ema26.update(x), "rsi": self.rsi.update(x),
+            "bb_mid": band.middle if band else nan, "bb_upper": band.upper if band else nan,
+            "bb_lower": band.lower if band else nan, "macd": m.line if m else nan,
+            "macd_signal": m.signal if m else nan, "macd_hist": m.hist if m else nan,
+        }  # fmt: skip
+        return {k: nan if v is None else v for k, v in values.items()}
+
+
+def candle_row(values: tuple[Any, ...], width_ms: float) -> dict[str, Any]:
+    """(ts, open, high, low, close, volume) -> one row of a candle source."""
+    ts, o, h, low, c, v = values
+    return {"ts": ts, "open": o, "high": h, "low": low, "close": c, "volume": v, "width": width_ms,
+            "color": "#26a69a" if c >= o else "#ef5350"}  # fmt: skip
+
+
+class MarketPage:
+    """One session's Market page. ``layout`` is its root; everything else reacts to the widgets
+    and to the hub."""
+
+    def __init__(self, ctx: AppContext, doc: Document, *, instruments: list[str]) -> None:
+        self.ctx, self.doc = ctx, doc
+        self.following = True
+        self.indicators = _Indicators()
+        self.source = ColumnDataSource(_empty())
+        self.forming = ColumnDataSource(_empty())
+        self.buys = ColumnDataSource({"ts": [], "price": []})
+        self.sells = ColumnDataSource({"ts": [], "price": []})
+        self.download = ColumnDataSource({"text": [], "mime": [], "name": []})
+        self.download.js_on_change("data", _DOWNLOAD)
+        timeframes = list(ctx.settings.timeframes)
+        first = instruments[0] if instruments else ""
+        self.instrument = Select(
+            title="Instrument", value=first, options=choices(instruments or [""]), width=150
+        )
+        self.timeframe = Select(
+            title="Timeframe", value=timeframes[0], options=choices(timeframes), width=100
+        )
+        self.overlays = CheckboxGroup(labels=list(_OVERLAYS), active=[0])
+        self.bot = Select(title="Fills of bot", value="", options=choices([""]), width=160)
+        self.follow = Button(label="Follow live", button_type="success", width=110, disabled=True)
+        self.older = Button(label="Load older", width=100)
+        self.csv = Button(label="Export CSV", width=100)
+        self.json = Button(label="Export JSON", width=100)
+        self.status = Div(text="", width=500)
+        self._build_figures()
+        self.layout = column(
+            row(self.instrument, self.timeframe, self.bot, self.overlays, self.follow, self.older, self.csv, self.json),
+            self.status, self.price, self.volume, self.rsi, self.macd,
+            sizing_mode="stretch_width",
+        )  # fmt: skip
+        self.instrument.on_change("value", lambda _a, _o, _n: self.load())
+        self.timeframe.on_change("value", lambda _a, _o, _n: self.load())
+        self.bot.on_change("value", lambda _a, _o, _n: self.load_fills())
+        self.overlays.on_change("active", lambda _a, _o, _n: self._show_overlays())
+        self.follow.on_click(self.go_live)
+        self.older.on_click(self.load_older)
+        self.csv.on_click(lambda: self.export("csv"))
+        self.json.on_click(lambda: self.export("json"))
+        for plot in (self.price, self.volume, self.rsi, self.macd):
+            plot.on_event(events.PanEnd, self._user_moved)
+            plot.on_event(events.MouseWheel, self._user_moved)
+        self._stop_listening = ctx.hub.listen("market:*", self._on_market)
+        self._show_overlays()
+
+    # ---- figures ------------------------------------------------------------------------
+    def _build_figures(self) -> None:
+        self.x_range = Range1d(start=0, end=1)
+        tools = "xpan,xwheel_zoom,box_zoom,reset,save"
+        self.price = figure(x_axis_type="datetime", x_range=self.x_range, height=380, tools=tools,
+                            active_scroll="xwheel_zoom", sizing_mode="stretch_width", title="")  # fmt: skip
+        bodies = []
+        for src, alpha, name in ((self.source, 1.0, "candles"), (self.forming, 0.5, "forming")):
+            self.price.segment("ts", "high", "ts", "low", color="color", source=src, alpha=alpha)
+            bodies.append(self.price.vbar("ts", "width", "open", "close", fill_color="color", line_color="color",
+                                          source=src, alpha=alpha, name=name))  # fmt: skip
+        self.candles = bodies[0]
+        self.ema = [
+            self.price.line("ts", "ema12", source=self.source, color="#ff9800", legend_label="EMA 12"),
+            self.price.line("ts", "ema26", source=self.source, color="#3f51b5", legend_label="EMA 26"),
+        ]
+        self.bb = [
+            self.price.line("ts", name, source=self.source, color="#9e9e9e", line_dash="dashed", legend_label="Bollinger")
+            for name in ("bb_upper", "bb_mid", "bb_lower")
+        ]  # fmt: skip
+        self.price.scatter("ts", "price", source=self.buys, marker="triangle", size=11, color="#00c853",
+                           legend_label="buy", name="buys")  # fmt: skip
+        self.price.scatter("ts", "price", source=self.sells, marker="inverted_triangle", size=11, color="#d50000",
+                           legend_label="sell", name="sells")  # fmt: skip
+        self.price.legend.location = "top_left"
+        self.price.add_tools(HoverTool(renderers=[self.candles], tooltips=[("close", "@ts{%F %T}"), ("o", "@open"),
+                                       ("h", "@high"), ("l", "@low"), ("c", "@close"), ("v", "@volume")],
+                                       formatters={"@ts": "datetime"}))  # fmt: skip
+        self.volume = self._pane("volume")
+        self.volume.vbar("ts", "width", "volume", 0, source=self.source, color="color", alpha=0.6)
+        self.rsi = self._pane("RSI 14")
+        self.rsi.y_range = Range1d(start=0, end=100)
+        self.rsi.line("ts", "rsi", source=self.source, color="#7b1fa2")
+        self.macd = self._pane("MACD 12/26/9")
+        self.macd.vbar("ts", "width", "macd_hist", 0, source=self.source, color="#90a4ae")
+        self.macd.line("ts", "macd", source=self.source, color="#1976d2")
+        self.macd.line("ts", "macd_signal", source=self.source, color="#f57c00")
+
+    def _pane(self, title: str) -> figure:
+        return figure(title=title, x_axis_type="datetime", x_range=self.x_range, height=130,
+                      tools="xpan,xwheel_zoom,box_zoom,reset,save", sizing_mode="stretch_width")  # fmt: skip
+
+    def _show_overlays(self) -> None:
+        for renderer in self.ema:
+            renderer.visible = 0 in self.overlays.active
+        for renderer in self.bb:
+            renderer.visible = 1 in self.overlays.active
+
+    # ---- history ------------------------------------------------------------------------
+    def stream(self) -> tuple[str, str]:
+        return self.instrument.value, self.timeframe.value
+
+    def _width_ms(self) -> float:
+        from tcp.timeframes import parse_timeframe
+
+        return parse_timeframe(self.timeframe.value) * 0.8
+
+    def load(self, *, end: datetime | None = None) -> None:
+        """Load the stream's last HISTORY candles (before ``end``), on a worker thread."""
+        inst_id, timeframe = self.stream()
+        if not inst_id:
+            self.status.text = "No candles yet: run the candle dataflow (tcp run, make demo)."
+            return
+        self.status.text = f"loading {inst_id} {timeframe} ..."
+        dsn = self.ctx.dsn
+        in_background(self.ctx, self.doc, lambda: data.candle_rows(dsn, inst_id, timeframe, end=end, limit=HISTORY),
+                      lambda rows: self._loaded((inst_id, timeframe), rows), self._failed)  # fmt: skip
+
+    def _failed(self, error: Exception) -> None:
+        self.status.text = f"<b>error:</b> {type(error).__name__}: {error}"
+
+    def _loaded(self, stream: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
+        if stream != self.stream():  # the user picked another stream meanwhile
+            return
+        width = self._width_ms()
+        self.indicators = _Indicators()
+        columns = _empty()
+        for r in rows:
+            for k, v in {**candle_row(tuple(r), width), **self.indicators.update(r[4])}.items():
+                columns[k].append(v)
+        self.source.data = columns  # a new stream: a new data set (live updates only stream/patch)
+        self.forming.data = _empty()
+        self.status.text = f"{stream[0]} {stream[1]}: {len(rows):,} final candles" + (
+            "" if rows else " (none yet)"
+        )
+        if self.following:
+            self._view_newest()
+        self.load_fills()
+
+    def load_older(self) -> None:
+        """History mode: load the HISTORY candles before the first one shown."""
+        self._history_mode()
+        ts = self.source.data["ts"]
+        if ts:
+            self.load(end=ts[0])
+
+    def _view_newest(self) -> None:
+        ts = self.source.data["ts"]
+        if not ts:
+            return
+        step = self._width_ms() / 0.8
+        last = _ms(ts[-1])
+        self.x_range.start = last - step * IN_VIEW
+        self.x_range.end = last + step * 2
+
+    def _user_moved(self, _event: events.Event) -> None:
+        self._history_mode()
+
+    def _history_mode(self) -> None:
+        if self.following:
+            self.following = False
+            self.follow.disabled = False
+            self.status.text += " | history mode: live updates do not move the view"
+
+    def go_live(self) -> None:
+        self.following = True
+        self.follow.disabled = True
+        self.load()
+
+    # ---- fills --------------------------------------------------------------------------
+    def set_bots(self, names: list[str]) -> None:
+        self.bot.options = choices(["", *names])
+
+    def load_fills(self) -> None:
+        bot = self.bot.value
+        ts = self.source.data["ts"]
+        if not bot or not ts:
+            self.buys.data, self.sells.data = {"ts": [], "price": []}, {"ts": [], "price": []}
+            return
+        dsn, start, end = self.ctx.dsn, ts[0] - timedelta(days=1), ts[-1] + timedelta(days=1)
+        in_background(self.ctx, self.doc, lambda: data.fills(dsn, bot, start=start, end=end), self._fills,
+                      self._failed)  # fmt: skip
+
+    def _fills(self, rows: list[tuple[datetime, str, float]]) -> None:
+        self.buys.data = {
+            "ts": [r[0] for r in rows if r[1] == "buy"],
+            "price": [r[2] for r in rows if r[1] == "buy"],
+        }
+        self.sells.data = {"ts": [r[0] for r in rows if r[1] == "sell"],
+                           "price": [r[2] for r in rows if r[1] == "sell"]}  # fmt: skip
+
+    # ---- live ---------------------------------------------------------------------------
+    def _on_market(self, channel: str, message: bytes) -> None:
+        """The hub's thread: only hand the message over to the document."""
+        inst_id = channel.partition(":")[2]
+        if inst_id != self.instrument.value:
+            return
+        self.doc.add_next_tick_callback(lambda: self.apply(message))
+
+    def apply(self, message: bytes) -> None:
+        """One ``market:`` message on the document's thread: stream a final candle, patch the forming one."""
+        try:
+            parsed = json.loads(message)
+            kind, candle = parsed["kind"], parsed["candle"]
+            if (candle["inst_id"], candle["timeframe"]) != self.stream():
+                return
+            ts = _EPOCH + timedelta(milliseconds=candle["ts_close"])
+            values = [float(candle[k]) for k in ("open", "high", "low", "close", "volume")]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("dashboard: a market message that is not a candle: %s", exc)
+            return
+        new = candle_row((ts, *values), self._width_ms())
+        if kind == "final":
+            shown = self.source.data["ts"]
+            if shown and ts <= shown[-1]:
+                return  # a revision or a repeat: the chart keeps the first version, as a bot does
+            new.update(self.indicators.update(values[3]))
+            self.source.stream({k: [v] for k, v in new.items()}, rollover=HISTORY)
+            if self.forming.data["ts"] and self.forming.data["ts"][0] <= ts:
+                self.forming.data = _empty()
+            if self.following:
+                self._view_newest()
+        elif kind == "live":
+            if not self.forming.data["ts"]:
+                self.forming.data = {**_empty(), **{k: [v] for k, v in new.items()}}
+            else:
+                self.forming.patch({k: [(0, v)] for k, v in new.items()})
+
+    # ---- export -------------------------------------------------------------------------
+    def export(self, fmt: str) -> None:
+        """The candles in view, exact, as a CSV or JSON download."""
+        inst_id, timeframe = self.stream()
+        start, end = _ms(self.x_range.start), _ms(self.x_range.end)
+        ts = self.source.data["ts"]
+        if not inst_id or not ts:
+            return
+        lo = _EPOCH + timedelta(milliseconds=start)
+        hi = _EPOCH + timedelta(milliseconds=end)
+        dsn = self.ctx.dsn
+
+        def work() -> list[tuple[Any, ...]]:
+            rows = data.candle_rows(dsn, inst_id, timeframe, end=hi, limit=HISTORY * 5, exact=True)
+            return [r for r in rows if r[0] >= lo]
+
+        def done(rows: list[tuple[Any, ...]]) -> None:
+            fields = data.CANDLE_FIELDS
+            records = [dict(zip(fields, (r[0].isoformat(), *r[1:]), strict=True)) for r in rows]
+            if fmt == "csv":
+                text = (
+                    ",".join(fields)
+                    + "\n"
+                    + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in records)
+                )
+                mime = "text/csv"
+            else:
+                text, mime = (
+                    json.dumps({"inst_id": inst_id, "timeframe": timeframe, "candles": records}),
+                    "application/json",
+                )
+            self.download.data = {"text": [text], "mime": [mime], "name": [f"{inst_id}-{timeframe}.{fmt}"]}
+            self.status.text = f"exported {len(records):,} candles ({fmt})"
+
+        in_background(self.ctx, self.doc, work, done, self._failed)
+
+    def close(self) -> None:
+        self._stop_listening()
+
+
+def _ms(value: Any) -> float:
+    if isinstance(value, datetime):
+        return (value - _EPOCH) / timedelta(milliseconds=1)
+    return float(value)

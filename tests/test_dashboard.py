@@ -1,0 +1,218 @@
+"""The dashboard's logic against a real Bokeh server, PostgreSQL, Redis and Kafka (no browser):
+history from PostgreSQL, live candles through the ONE Redis subscriber (stream and patch),
+controls refused without a login and sent on bots.commands with one, form validation, the
+websocket origin allow-list. (Real-browser tests: tests/test_dashboard_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.cookiejar import CookieJar
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from bokeh_app.bots_page import BotsPage, check_create_form
+from bokeh_app.context import AppContext
+from bokeh_app.market import MarketPage
+from bokeh_app.server import make_server
+from bots.bot import Bot, encode_status
+from bots.config import BotConfig
+from bots.lifecycle import decode_command
+from dataflows.bots import BOTS_UPSERT, status_row
+from dataflows.candle_core import Candle, encode_candle
+from dataflows.candles import CANDLES_UPSERT, candle_row
+from sinks.postgres import PostgresWriter
+from tcp import topics
+from tcp.config import Settings
+from tests.kafka_util import read_topic
+from tests.test_run import wait_for
+
+pytestmark = pytest.mark.services
+
+T0 = 1_710_028_800_000
+MINUTE = 60_000
+
+
+def candle(i: int, close: str = "100.5") -> Candle:
+    return Candle("BTC-USDT", "1m", T0 + i * MINUTE, "100", "101.5", "99.5", close, "2", "201", 3)
+
+
+@pytest.fixture
+def dashboard(settings: Settings, database: str) -> Iterator[tuple[Settings, Any, AppContext]]:
+    s = settings.model_copy(update={"postgres_dsn": SecretStr(database), "dashboard_password": SecretStr("s3cret"),
+                                    "dashboard_cookie_secret": SecretStr("test-cookie-secret")})  # fmt: skip
+    writer = PostgresWriter(database, CANDLES_UPSERT)
+    writer.write([candle_row(candle(i)) for i in range(1, 301)])
+    writer.close()
+    config = BotConfig.model_validate({"name": "b1", "strategy": "ema_crossover", "params": {}, "inst_id": "BTC-USDT",
+                                       "timeframe": "1m"})  # fmt: skip
+    bots = PostgresWriter(database, BOTS_UPSERT)
+    bots.write([status_row(Bot.create(config).status(now=T0))])
+    bots.close()
+    with socket.socket() as probe:  # a free port: the origin allow-list names the real one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server, ctx = make_server(s, port=port)
+    thread = threading.Thread(target=server.io_loop.start, daemon=True)
+    thread.start()
+    try:
+        yield s, server, ctx
+    finally:
+        server.io_loop.add_callback(server.io_loop.stop)
+        thread.join(10)
+        server.stop()
+        ctx.hub.stop()
+
+
+def open_session(
+    server: Any, ctx: AppContext, opener: urllib.request.OpenerDirector | None = None
+) -> tuple[MarketPage, BotsPage]:
+    """GET / (Bokeh builds a session's document, as for a browser tab), then that session's pages."""
+    before = {session.id for session in server.get_sessions("/")}
+    (opener or urllib.request.build_opener()).open(f"http://127.0.0.1:{server.port}/", timeout=20).read()
+    session = wait_for(
+        "the session", lambda: next((x for x in server.get_sessions("/") if x.id not in before), None)
+    )
+    pages = wait_for("the pages", lambda: ctx.pages.get(session.document))
+    return pages[0], pages[1]
+
+
+def on_server(page: MarketPage | BotsPage, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` as a Bokeh callback of the page's document (on the server's loop, the document
+    locked: what a click does), and return its result."""
+    done = threading.Event()
+    result: list[Any] = []
+
+    def callback() -> None:
+        result.append(fn())
+        done.set()
+
+    page.doc.add_next_tick_callback(callback)
+    assert done.wait(10)
+    return result[0]
+
+
+def test_history_then_live_candles_through_the_one_subscriber(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    s, server, ctx = dashboard
+    market, _ = open_session(server, ctx)
+    wait_for("the history", lambda: len(market.source.data["ts"]) == 300)
+    assert market.source.data["close"][-1] == 100.5 and market.status.text.startswith("BTC-USDT 1m: 300")
+    ema = market.source.data["ema12"]
+    assert ema[10] != ema[10] and ema[11] == pytest.approx(100.5)  # NaN in warm-up, then the EMA
+
+    hub = ctx.hub
+    assert hub.listeners >= 2  # this session's pages listen on the one hub
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    live = b'{"kind":"live","candle":' + encode_candle(candle(301, "102")) + b"}"
+    wait_for("a subscriber", lambda: client.publish("market:BTC-USDT", live) > 0)
+    wait_for("the forming candle", lambda: market.forming.data["close"] == [102.0])
+    client.publish("market:BTC-USDT", b'{"kind":"live","candle":' + encode_candle(candle(301, "103")) + b"}")
+    wait_for("the patch", lambda: market.forming.data["close"] == [103.0])
+    client.publish("market:BTC-USDT", b'{"kind":"final","candle":' + encode_candle(candle(301, "104")) + b"}")
+    wait_for("the new final candle", lambda: len(market.source.data["ts"]) == 301)
+    assert market.source.data["close"][-1] == 104.0 and market.forming.data["ts"] == []
+    client.publish("market:ETH-USDT", b'{"kind":"final","candle":' + encode_candle(candle(302)) + b"}")
+    client.publish("market:BTC-USDT", b"not json")
+    time.sleep(0.5)
+    assert len(market.source.data["ts"]) == 301  # another instrument, and garbage, change nothing
+
+    on_server(market, market._history_mode)  # the user panned: live candles no longer move the view
+    end = market.x_range.end
+    client.publish("market:BTC-USDT", b'{"kind":"final","candle":' + encode_candle(candle(302)) + b"}")
+    wait_for("the next final candle", lambda: len(market.source.data["ts"]) == 302)
+    assert market.x_range.end == end and not market.follow.disabled
+
+
+def _commands(s: Settings, expect: int) -> list[Any]:
+    return [decode_command(m.value()) for m in read_topic(s, topics.BOTS_COMMANDS, expect=expect, idle_s=1.5)]
+
+
+def test_controls_need_a_login_checked_on_the_server(dashboard: tuple[Settings, Any, AppContext]) -> None:
+    s, server, ctx = dashboard
+    port = server.port
+    _, guest = open_session(server, ctx)
+    wait_for("the bots table", lambda: list(guest.source.data["name"]) == ["b1"])
+    assert guest.user is None and guest.buttons["stop"].disabled
+    on_server(guest, lambda: guest.send("stop", ["b1"]))  # as if the button were forced
+    assert "refused" in guest.message.text and "log in" in guest.message.text
+    assert _commands(s, 1) == []
+
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(f"http://127.0.0.1:{port}/login", timeout=10).read().decode()
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page)
+    assert xsrf is not None
+    form = {"_xsrf": xsrf.group(1), "username": "admin", "password": "wrong", "next": "/"}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(f"http://127.0.0.1:{port}/login", urllib.parse.urlencode(form).encode(), timeout=10)
+    assert refused.value.code == 403
+    form["password"] = "s3cret"
+    opener.open(f"http://127.0.0.1:{port}/login", urllib.parse.urlencode(form).encode(), timeout=10).read()
+    assert any(c.name == "tcp_user" for c in jar)
+
+    _, admin = open_session(server, ctx, opener)
+    assert admin.user == "admin" and not admin.buttons["stop"].disabled
+    wait_for("the bots table", lambda: list(admin.source.data["name"]) == ["b1"])
+    on_server(admin, lambda: admin.send("stop", ["b1"]))
+    sent = _commands(s, 1)
+    assert [(c.action, c.bot, c.user) for c in sent] == [("stop", "b1", "admin")]
+    on_server(admin, lambda: admin.send("stop", ["b1; DROP TABLE bots"]))
+    assert "refused" in admin.message.text
+
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    config = BotConfig.model_validate({"name": "b1", "strategy": "ema_crossover", "params": {}, "inst_id": "BTC-USDT",
+                                       "timeframe": "1m"})  # fmt: skip
+    bot = Bot.create(config)
+    bot.state = "stopped"
+    client.publish("status:b1", encode_status(bot.status(now=T0)))
+    wait_for("the status patch", lambda: list(admin.source.data["state"]) == ["stopped"])
+
+
+def test_the_create_form_checks_every_field() -> None:
+    good = {"name": "ema-1", "strategy": "ema_crossover", "inst_id": "BTC-USDT", "timeframe": "1m",
+            "params": '{"fast": 5, "slow": 13}', "fee": "0.001", "slippage_bps": "5", "initial_cash": "10000"}  # fmt: skip
+    config, errors = check_create_form(good)
+    assert errors == {} and config is not None and config.params == {"fast": 5, "slow": 13}
+    _, errors = check_create_form({**good, "params": '{"fast": 30, "slow": 13}'})
+    assert "fast (30) must be smaller than slow (13)" in errors["params"]
+    _, errors = check_create_form({**good, "params": "{fast: 5"})
+    assert errors["params"].startswith("not JSON")
+    _, errors = check_create_form({**good, "inst_id": "btc usdt", "fee": "-1"})
+    assert "instrument id" in errors["inst_id"] and "fee" in errors
+    _, errors = check_create_form({**good, "strategy": "no_such"})
+    assert "no_such" in errors["strategy"]
+
+
+def test_websocket_origins_are_an_allow_list(dashboard: tuple[Settings, Any, AppContext]) -> None:
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.ioloop import IOLoop
+    from tornado.websocket import websocket_connect
+
+    _, server, _ = dashboard
+    port = server.port
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=20).read().decode()
+    token = re.search(r'"token":"([^"]+)"', page)
+    assert token is not None
+
+    async def connect(origin: str) -> str:
+        request = HTTPRequest(f"ws://127.0.0.1:{port}/ws", headers={"Origin": origin})
+        try:
+            conn = await websocket_connect(request, subprotocols=["bokeh", token.group(1)])
+        except HTTPClientError as exc:
+            return str(exc.code)
+        conn.close()
+        return "open"
+
+    assert IOLoop().run_sync(lambda: connect(f"http://localhost:{port}")) == "open"  # the same session's page
+    assert IOLoop().run_sync(lambda: connect("http://evil.example:5006")) == "403"
