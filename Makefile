@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(0 if (3,11) <= sys.version_info[:2] <= (3,12) else 1)' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: install demo test bench lint services-down clean
+.PHONY: install browser demo test bench lint services-down clean
 
 install: $(STAMP)
 
@@ -28,8 +28,24 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/tcp demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The real-browser tests (tests/test_dashboard_browser.py) drive Debian's chromium through its
+# chromium-driver. Installed here when missing and possible (root with apt-get); otherwise those
+# tests are skipped, and pytest says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium and chromium-driver (Debian) for the real-browser tests ..."; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+			echo "WARNING: chromium could not be installed: the real-browser tests will be SKIPPED"; \
+		else \
+			echo "WARNING: no /usr/bin/chromium and no root apt-get to install it: the real-browser tests will be SKIPPED"; \
+		fi; \
+	fi
 
 bench: install
 	$(PY) bench/run.py

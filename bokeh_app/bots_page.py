@@ -94,7 +94,7 @@ class BotsPage:
         self.source = ColumnDataSource({k: [] for k in _COLUMNS})
         self.table = DataTable(
             source=self.source, columns=[TableColumn(field=k, title=k.replace("_", " ")) for k in _COLUMNS],
-            height=280, sizing_mode="stretch_width", selectable="checkbox", index_position=None,
+            height=280, sizing_mode="stretch_width", selectable="checkbox", index_position=None, name="bots-table",
         )  # fmt: skip
         self.buttons = {a: Button(label=a, width=90, name=f"bot-{a}") for a in _ACTIONS}
         self.message = Div(text="" if user else "Read-only: <a href='/login'>log in</a> to control bots.")

@@ -1,0 +1,179 @@
+"""The dashboard in a real browser: headless Chromium (Debian's, /usr/bin/chromium, driven by
+Selenium through /usr/bin/chromedriver: nothing is downloaded) against a served dashboard on
+real services. Screenshots of each page go to ``$TCP_TEST_ARTIFACTS`` (default
+``test-artifacts/``).
+
+`make test` installs Chromium where it can (Debian/Ubuntu, as root); where it cannot, these tests
+are skipped with the reason, loudly (pytest -ra prints it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from bokeh_app.context import AppContext
+from dataflows.candle_core import encode_candle
+from tcp.config import Settings
+from tests.env_util import tcp_env
+from tests.test_dashboard import candle, dashboard
+from tests.test_run import wait_for
+
+pytestmark = pytest.mark.services
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("TCP_TEST_ARTIFACTS", "test-artifacts"))
+__all__ = ["dashboard"]  # the fixture, used by name below
+
+
+def _missing() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            return f"{path} is not installed (Debian: apt-get install chromium chromium-driver; `make test` tries)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    reason = _missing()
+    if reason is not None:
+        pytest.skip(f"REAL-BROWSER TESTS SKIPPED: {reason}")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--window-size=1500,1200"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def js(driver: Any, script: str) -> Any:
+    return driver.execute_script(script)
+
+
+def candles_drawn(driver: Any) -> int:
+    """How many candles the page's candlestick glyph has (from BokehJS, in the browser)."""
+    return js(driver, """
+        const doc = window.Bokeh && Bokeh.documents && Bokeh.documents[0];
+        const r = doc && doc.get_model_by_name('candles');
+        return r ? r.data_source.data.ts.length : -1;""")  # fmt: skip
+
+
+def shot(driver: Any, name: str) -> Path:
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    driver.save_screenshot(str(path))
+    return path
+
+
+def test_the_chart_renders_and_a_new_candle_appears_live(
+    browser: Any, dashboard: tuple[Settings, Any, AppContext]
+) -> None:
+    s, server, _ = dashboard
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    wait_for("the candlestick glyphs", lambda: candles_drawn(browser) == 300, timeout=30)
+    canvases = _deep(browser, "canvas")  # drawn: Bokeh renders into canvases in shadow roots
+    assert canvases and any(c.size["width"] > 500 for c in canvases)
+    shot(browser, "market")
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    client.publish("market:BTC-USDT", b'{"kind":"final","candle":' + encode_candle(candle(301, "104")) + b"}")
+    wait_for("the live candle in the browser", lambda: candles_drawn(browser) == 301, timeout=15)
+    last = js(browser, "const d = Bokeh.documents[0].get_model_by_name('candles').data_source.data;"
+                       "return d.close[d.close.length - 1];")  # fmt: skip
+    assert last == 104.0
+
+
+_DEEP = """
+    const out = [];
+    const walk = (root) => {
+        root.querySelectorAll(arguments[0]).forEach(e => out.push(e));
+        root.querySelectorAll('*').forEach(e => { if (e.shadowRoot) walk(e.shadowRoot); });
+    };
+    walk(document);
+    return arguments[1] === null ? out : out.filter(e => e.textContent.trim() === arguments[1]);
+"""
+
+
+def _deep(driver: Any, selector: str, text: str | None = None) -> list[Any]:
+    """Elements matching ``selector`` (and with this text), also inside Bokeh's shadow roots."""
+    return driver.execute_script(_DEEP, selector, text)  # type: ignore[no-any-return]
+
+
+def _bots_tab(driver: Any) -> None:
+    tabs = wait_for("the Bots tab", lambda: _deep(driver, ".bk-tab", "Bots"), timeout=30)
+    tabs[0].click()
+    wait_for("the bots tab", lambda: any(b.is_displayed() for b in _deep(driver, "button", "stop")))
+
+
+def _stop_button(driver: Any) -> Any:
+    return _deep(driver, "button", "stop")[0]
+
+
+_TABLE = "Bokeh.documents[0].get_model_by_name('bots-table')"
+
+
+def test_controls_need_a_login_and_stop_reaches_postgresql(
+    browser: Any, dashboard: tuple[Settings, Any, AppContext], tmp_path: Path
+) -> None:
+    s, server, _ = dashboard
+    bots_file = tmp_path / "bots.json"
+    bots_file.write_text(json.dumps([{"name": "b1", "strategy": "ema_crossover", "params": {},
+                                      "inst_id": "BTC-USDT", "timeframe": "1m"}]))  # fmt: skip
+    env = tcp_env(s, TCP_HOME=str(tmp_path / "home"), TCP_LOG_LEVEL="WARNING")
+    log = open(tmp_path / "bots.log", "wb")  # noqa: SIM115 - closed below
+    flow = subprocess.Popen([sys.executable, "-m", "tcp.cli", "bots", "run", "--bots", str(bots_file)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    dsn = s.postgres_dsn.get_secret_value()
+
+    def state() -> str | None:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT state FROM bots WHERE name = 'b1'").fetchone()
+        return None if row is None else row[0]
+
+    try:
+        wait_for("the bot to run", lambda: state() == "running", timeout=60)
+        browser.delete_all_cookies()
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        _bots_tab(browser)
+        assert _stop_button(browser).get_attribute("disabled") is not None  # a guest: no controls
+        shot(browser, "bots-read-only")
+
+        browser.get(f"http://127.0.0.1:{server.port}/login")
+        from selenium.webdriver.common.by import By
+
+        browser.find_element(By.NAME, "username").send_keys("admin")
+        browser.find_element(By.NAME, "password").send_keys("s3cret")
+        browser.find_element(By.ID, "login").click()
+        wait_for("the dashboard", lambda: candles_drawn(browser) >= 300, timeout=30)
+        _bots_tab(browser)
+        wait_for("b1 in the table", lambda: js(browser, f"return {_TABLE}.source.data.name.includes('b1')"))
+        js(browser, f"{_TABLE}.source.selected.indices = [0];")  # the row's checkbox
+        button = _stop_button(browser)
+        assert button.get_attribute("disabled") is None
+        shot(browser, "bots")
+        button.click()
+        wait_for("the stop in PostgreSQL", lambda: state() == "stopped", timeout=30)
+    finally:
+        flow.terminate()
+        flow.wait(30)
+        log.close()
