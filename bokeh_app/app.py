@@ -9,9 +9,12 @@ from bokeh.models.widgets import Div
 
 from bokeh_app import data
 from bokeh_app.auth import session_user
+from bokeh_app.backtests_page import BacktestsPage
 from bokeh_app.bots_page import BotsPage
 from bokeh_app.context import AppContext
+from bokeh_app.health import HealthPage
 from bokeh_app.market import MarketPage
+from bokeh_app.performance import PerformancePage
 
 __all__ = ["make_document"]
 
@@ -33,20 +36,36 @@ def make_document(ctx: AppContext, doc: Document) -> None:
     else:
         problem = ""
     market = MarketPage(ctx, doc, instruments=instruments)
-    bots = BotsPage(ctx, doc, user=user, on_bots=market.set_bots)
+    performance = PerformancePage(ctx, doc)
+
+    def bots_changed(names: list[str]) -> None:
+        market.set_bots(names)
+        performance.refresh_choices(names)
+
+    bots = BotsPage(ctx, doc, user=user, on_bots=bots_changed)
+    health = HealthPage(ctx, doc, instruments=instruments)
     who = (
         f"logged in as <b>{user}</b> (<a href='/logout'>log out</a>)"
         if user
         else "read-only (<a href='/login'>log in</a> for the controls)"
     )
     header = Div(text=f"<b>TCP Dashboard</b> &nbsp; {who} {problem}", sizing_mode="stretch_width")
-    tabs = Tabs(tabs=[TabPanel(child=market.layout, title="Market"), TabPanel(child=bots.layout, title="Bots")],
-                sizing_mode="stretch_width")  # fmt: skip
+    pages = [("Market", market.layout), ("Bots", bots.layout), ("Performance", performance.layout)]
+    tabs = Tabs(sizing_mode="stretch_width")
+
+    def open_result(name: str) -> None:
+        performance.show_backtest(name)
+        tabs.active = 2
+
+    backtests = BacktestsPage(ctx, doc, user=user, open_result=open_result)
+    pages += [("Backtests", backtests.layout), ("Data health", health.layout)]
+    tabs.tabs = [TabPanel(child=layout, title=title) for title, layout in pages]
     doc.add_root(column(header, tabs, sizing_mode="stretch_width"))
     doc.title = "TCP Dashboard"
     market.load()
     bots.refresh()
-    ctx.pages[doc] = (market, bots)
+    health.refresh()
+    ctx.pages[doc] = (market, bots, performance, backtests, health)
 
     def closed(_context: object) -> None:
         market.close()

@@ -8,12 +8,16 @@ Queries are parameterised; identifiers never come from the page.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 
 from strategies.indicators import EMA, MACD, RSI, BollingerBands
@@ -22,6 +26,10 @@ from tcp.timeframes import parse_timeframe
 __all__ = [
     "CANDLE_FIELDS",
     "BotRow",
+    "Run",
+    "backtest_run",
+    "backtest_runs",
+    "bot_run",
     "bots",
     "candle_rows",
     "check_bot_name",
@@ -174,3 +182,116 @@ def _plain(text: str) -> str:
 
 def epoch_ms(value: datetime) -> int:
     return (value - _EPOCH) // timedelta(milliseconds=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Performance: a bot's run (PostgreSQL) or a backtest's (its result directory), as one shape
+
+
+@dataclass(frozen=True)
+class Run:
+    """An equity curve with its fills and metrics: a live bot, or a backtest result."""
+
+    label: str
+    ts: list[datetime]
+    equity: list[float]  # for drawing; the exact values stay in PostgreSQL / the Parquet files
+    initial: float
+    fills: list[dict[str, Any]]  # ts, side, price, size, fee, realized_pnl (exact strings)
+    metrics: dict[str, Any]
+
+    @property
+    def returns(self) -> list[float]:
+        return [e / self.initial - 1.0 for e in self.equity]
+
+    @property
+    def drawdown(self) -> list[float]:
+        peak, out = -math.inf, []
+        for e in self.equity:
+            peak = max(peak, e)
+            out.append(e / peak - 1.0 if peak > 0 else 0.0)
+        return out
+
+
+def _fill_dicts(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    keys = ("ts", "side", "price", "size", "fee", "realized_pnl")
+    return [dict(zip(keys, (r[0], r[1], *(_plain(x) for x in r[2:6])), strict=True)) for r in rows]
+
+
+def bot_run(dsn: str, bot: str) -> Run:
+    """A live bot's equity (bot_performance), fills (bot_trades) and metrics (the backtests'
+    definitions, backtest/metrics.py), from PostgreSQL."""
+    from backtest.metrics import compute_metrics
+    from bots.config import BotConfig
+    from bots.portfolio import Fill
+
+    check_bot_name(bot)
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        found = conn.execute("SELECT config FROM bots WHERE name = %s", (bot,)).fetchone()
+        if found is None:
+            msg = f"no bot named {bot!r}"
+            raise ValueError(msg)
+        marks = conn.execute(
+            "SELECT ts_close, equity::text, position::text FROM bot_performance WHERE bot = %s ORDER BY ts_close",
+            (bot,),
+        ).fetchall()
+        trades = conn.execute(
+            "SELECT ts, side, price::text, size::text, fee::text, realized_pnl::text, seq, notional::text, "
+            "cash_after::text, position_after::text FROM bot_trades WHERE bot = %s ORDER BY seq",
+            (bot,),
+        ).fetchall()
+    config = BotConfig.model_validate_json(found[0] if isinstance(found[0], str) else json.dumps(found[0]))
+    if not marks:
+        msg = f"bot {bot!r} has no equity yet (no final candle since it started)"
+        raise ValueError(msg)
+    fills = [
+        Fill(
+            bot=bot,
+            seq=r[6],
+            ts=epoch_ms(r[0]),
+            side=r[1],
+            price=_plain(r[2]),
+            size=_plain(r[3]),
+            notional=_plain(r[7]),
+            fee=_plain(r[4]),
+            cash_after=_plain(r[8]),
+            position_after=_plain(r[9]),
+            realized_pnl=_plain(r[5]),
+        )  # fmt: skip
+        for r in trades
+    ]
+    metrics = compute_metrics(
+        ts_close=[epoch_ms(m[0]) for m in marks],
+        equity=[float(m[1]) for m in marks],
+        in_position=[Decimal(m[2]) != 0 for m in marks],
+        fills=fills,
+        initial_cash=config.initial_cash,
+        final_equity=Decimal(marks[-1][1]),
+        period_ms=parse_timeframe(config.timeframe),
+    )
+    return Run(f"bot {bot}", [m[0] for m in marks], [float(m[1]) for m in marks], float(config.initial_cash),
+               _fill_dicts(trades), msgspec.to_builtins(metrics))  # fmt: skip
+
+
+def backtest_runs(root: Path) -> list[str]:
+    """The backtest result directories under ``root`` (those with a metrics.json), newest first."""
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.glob("*/metrics.json")]
+    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def backtest_run(root: Path, name: str) -> Run:
+    """A ``tcp backtest run`` result directory (``root/name``) as a Run."""
+    import pyarrow.parquet as pq
+
+    if not _NAME.match(name):
+        msg = f"not a result name: {name!r}"
+        raise ValueError(msg)
+    folder = root / name
+    summary = json.loads((folder / "metrics.json").read_text())
+    equity = pq.read_table(folder / "equity.parquet").to_pydict()
+    trades = pq.read_table(folder / "trades.parquet").to_pydict()
+    rows = list(zip(trades["ts"], trades["side"], trades["price"], trades["size"], trades["fee"],
+                    trades["realized_pnl"], strict=True))  # fmt: skip
+    return Run(f"backtest {name}", equity["ts_close"], [float(e) for e in equity["equity"]],
+               float(summary["backtest"]["initial_cash"]), _fill_dicts(rows), summary["metrics"])  # fmt: skip

@@ -46,6 +46,7 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "endpoints",
+    "samples",
     "scrape",
     "serve_metrics",
     "watch_counts",
@@ -162,14 +163,22 @@ def endpoints(settings: Settings) -> list[Endpoint]:
     return found
 
 
-def scrape(endpoint: Endpoint, *, timeout: float = 2.0) -> dict[str, float]:
-    """Every sample of the endpoint summed over its labels, by sample name (``tcp_trades_in_total``)."""
+def samples(endpoint: Endpoint, *, timeout: float = 2.0) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of the endpoint: (name, labels, value)."""
     with urllib.request.urlopen(endpoint.url, timeout=timeout) as response:  # noqa: S310 - our own loopback URL
         text = response.read().decode()
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def scrape(endpoint: Endpoint, *, timeout: float = 2.0) -> dict[str, float]:
+    """Every sample of the endpoint summed over its labels, by sample name (``tcp_trades_in_total``)."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+    for name, _labels, value in samples(endpoint, timeout=timeout):
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 

@@ -216,3 +216,96 @@ def test_websocket_origins_are_an_allow_list(dashboard: tuple[Settings, Any, App
 
     assert IOLoop().run_sync(lambda: connect(f"http://localhost:{port}")) == "open"  # the same session's page
     assert IOLoop().run_sync(lambda: connect("http://evil.example:5006")) == "403"
+
+
+def _admin(server: Any, ctx: AppContext) -> tuple[Any, ...]:
+    """A logged-in session's pages."""
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(f"http://127.0.0.1:{server.port}/login", timeout=10).read().decode()
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page)
+    assert xsrf is not None
+    form = {"_xsrf": xsrf.group(1), "username": "admin", "password": "s3cret", "next": "/"}
+    opener.open(
+        f"http://127.0.0.1:{server.port}/login", urllib.parse.urlencode(form).encode(), timeout=10
+    ).read()
+    before = {session.id for session in server.get_sessions("/")}
+    opener.open(f"http://127.0.0.1:{server.port}/", timeout=20).read()
+    session = wait_for(
+        "the session", lambda: next((x for x in server.get_sessions("/") if x.id not in before), None)
+    )
+    return wait_for("the pages", lambda: ctx.pages.get(session.document))  # type: ignore[no-any-return]
+
+
+def test_a_backtest_runs_in_a_process_and_opens_on_the_performance_page(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    s, server, ctx = dashboard
+    guest = open_session(server, ctx)
+    guest_backtests = ctx.pages[guest[0].doc][3]
+    on_server(guest[0], lambda: guest_backtests.submit(sweep=False))
+    assert "refused" in guest_backtests.message.text
+
+    market, _bots, performance, backtests, _health = _admin(server, ctx)
+
+    def fill(**values: str) -> None:
+        for key, value in values.items():
+            backtests.inputs[key].value = value
+
+    on_server(market, lambda: fill(strategy="ema_crossover", params='{"fast": 30, "slow": 10}'))
+    on_server(market, lambda: backtests.submit(sweep=False))
+    assert "fast (30) must be smaller than slow (10)" in backtests.errors["params"].text
+
+    on_server(market, lambda: fill(params='{"fast": 3, "slow": 8}'))
+    on_server(market, lambda: backtests.submit(sweep=False))
+    picked = wait_for("the result on the Performance page", lambda: list(performance.pick.value), timeout=90)
+    assert picked[0].startswith("backtest:") and "ema_crossover-BTC-USDT-1m" in picked[0]
+    wait_for("its equity curve", lambda: len(performance.lines[0].data["ts"]) == 300, timeout=30)
+    assert "total return" in performance.cards.text and "0.00%" in performance.cards.text  # flat candles
+    assert "done" in backtests.progress.text
+
+    on_server(market, lambda: fill(params='{"fast": [3, 4], "slow": [8, 9]}'))
+    on_server(market, lambda: backtests.submit(sweep=True))
+    wait_for("the sweep's best rows", lambda: len(backtests.best.data.get("params", ())) == 4, timeout=120)
+    assert "sweep done: 4 combinations" in backtests.message.text and "width:100%" in backtests.progress.text
+
+
+def test_a_bot_on_the_performance_page_has_the_metrics_of_its_equity(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    from bots.portfolio import Mark
+    from dataflows.bots import BOT_PERFORMANCE_UPSERT, mark_row
+
+    s, server, ctx = dashboard
+    equity = ["10000", "10100", "9999", "10200.5"]
+    marks = [Mark("b1", T0 + (i + 1) * MINUTE, "100", e, "0", e, "0", "0", "0") for i, e in enumerate(equity)]
+    writer = PostgresWriter(s.postgres_dsn.get_secret_value(), BOT_PERFORMANCE_UPSERT)
+    writer.write([mark_row(m) for m in marks])
+    writer.close()
+    market, *_rest = open_session(server, ctx)
+    performance = ctx.pages[market.doc][2]
+    wait_for("b1 among the choices", lambda: "bot:b1" in performance.pick.options)
+    on_server(market, lambda: setattr(performance.pick, "value", ["bot:b1"]))
+    wait_for("the curve", lambda: len(performance.lines[0].data["ret"]) == 4)
+    assert performance.lines[0].data["ret"][-1] == pytest.approx(0.02005)
+    assert min(performance.lines[0].data["dd"]) == pytest.approx(9999 / 10100 - 1)
+    assert "2.00%" in performance.cards.text and "10200.5" in performance.cards.text
+
+
+def test_data_health_rates_and_ages() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bokeh_app.health import Snapshot, instrument_rows
+
+    now = datetime.now(tz=UTC)
+    services = [("kafka", "embedded", True, "x")]
+    first = Snapshot(100.0, services, [], {"BTC-USDT": 1000.0}, {}, {}, {"BTC-USDT": now - timedelta(seconds=30),
+                                                                         "ETH-USDT": None})  # fmt: skip
+    rows = instrument_rows(None, first, now)
+    assert rows == {
+        "inst_id": ["BTC-USDT", "ETH-USDT"],
+        "trades_per_s": [None, None],
+        "last_trade_age_s": [30.0, None],
+    }
+    second = Snapshot(103.0, services, [], {"BTC-USDT": 1600.0}, {}, {}, first.last_trade)
+    assert instrument_rows(first, second, now)["trades_per_s"] == [200.0, None]  # 600 trades in 3 s

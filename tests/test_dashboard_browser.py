@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ def test_the_chart_renders_and_a_new_candle_appears_live(
     last = js(browser, "const d = Bokeh.documents[0].get_model_by_name('candles').data_source.data;"
                        "return d.close[d.close.length - 1];")  # fmt: skip
     assert last == 104.0
+    for title in ("Bots", "Performance", "Backtests", "Data health"):  # a screenshot of every page
+        wait_for(f"the {title} tab", lambda t=title: _deep(browser, ".bk-tab", t), timeout=30)[0].click()
+        time.sleep(1.0)  # let the page draw before the picture
+        assert shot(browser, title.lower().replace(" ", "-")).stat().st_size > 10_000
 
 
 _DEEP = """
