@@ -22,13 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backtest_bench, bots_bench, candles_bench, ingest_bench, lake_bench, stream_bench  # noqa: E402
+from bench import (  # noqa: E402
+    backtest_bench,
+    bots_bench,
+    candles_bench,
+    dashboard_bench,
+    ingest_bench,
+    lake_bench,
+    stream_bench,
+)
 from bench.common import SCALE_ENV, Row, machine, scale, scaled, table  # noqa: E402
 from tcp import services  # noqa: E402
 from tcp.config import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest", "lake")
+SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest", "lake", "dashboard")
 #: Sections that need no Kafka, PostgreSQL or Redis.
 LOCAL_SECTIONS = frozenset({"backtest"})
 
@@ -127,6 +135,19 @@ exact `sum(px)` and `sum(sz)` per instrument, through the `trades` view of `tcp 
 """
 
 
+DASHBOARD_NOTES = """\
+`tcp dashboard` in a subprocess over 10,000 final 1m candles (`TCP_DASHBOARD_CANDLES=10000`),
+Debian's headless Chromium driven by Selenium. First render: from `driver.get` to the candlestick
+glyph holding all 10,000 candles plus two animation frames, best of 3; baseline: the same
+figures and rows as a standalone Bokeh HTML file. Live delay: 60 final candles published on
+`market:BTC-USDT` (5/s), delay = when BokehJS streamed each into the chart (stamped in the page)
+minus when it was published; baseline: a plain Redis subscriber in the bench process. (The
+candle dataflow publishes a final candle to Redis in the step that produces it to Kafka.)
+Server CPU: the server process's CPU time over 20 s of live updates (a forming candle every
+0.2 s, a final one every second) with 50 `bokeh.client` sessions open, against 1 session.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run the benchmarks; write BENCHMARKS.md")
     parser.add_argument(
@@ -206,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         "The Parquet lake: export from PostgreSQL, DuckDB reads",
         LAKE_NOTES,
         lambda: lake_bench.lake_rows(settings),
+    )
+    section(
+        "dashboard",
+        "The dashboard: first render, live delay, server CPU",
+        DASHBOARD_NOTES,
+        lambda: dashboard_bench.dashboard_rows(settings),
     )
 
     load_after = os.getloadavg()

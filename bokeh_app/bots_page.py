@@ -132,7 +132,8 @@ class BotsPage:
     # ---- the table ----------------------------------------------------------------------
     def refresh(self) -> None:
         dsn = self.ctx.dsn
-        in_background(self.ctx, self.doc, lambda: data.bots(dsn), self.show, self._failed)
+        in_background(self.ctx, self.doc, lambda: self.ctx.shared("bots", 2.5, lambda: data.bots(dsn)), self.show,
+                      self._failed)  # fmt: skip
 
     def show(self, rows: list[data.BotRow]) -> None:
         columns: dict[str, list[Any]] = {k: [getattr(r, k) for r in rows] for k in _COLUMNS}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,14 +32,29 @@ class AppContext:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="tcp-io")
     )
-    #: The pages of each open session (by document), for the data-health view and tests.
-    pages: weakref.WeakKeyDictionary[Document, tuple[Any, ...]] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
+    #: Each open session (bokeh_app.app.Session) by document, for tests and the health view.
+    pages: weakref.WeakKeyDictionary[Document, Any] = field(default_factory=weakref.WeakKeyDictionary)
+
+    _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dsn(self) -> str:
         return self.settings.postgres_dsn.get_secret_value()
+
+    def shared(self, key: str, ttl_s: float, load: Callable[[], T]) -> T:
+        """``load()``'s result, shared by every session of this server for ``ttl_s``: what every
+        open tab polls (the bots table, the health figures) costs one query per period, not one
+        per tab. Blocking: call it on the I/O threads."""
+        now = time.monotonic()
+        with self._lock:
+            found = self._cache.get(key)
+        if found is not None and now - found[0] < ttl_s:
+            return found[1]
+        value = load()
+        with self._lock:
+            self._cache[key] = (now, value)
+        return value
 
 
 def in_background(

@@ -118,12 +118,16 @@ class HealthPage:
 
     def refresh(self) -> None:
         instruments = list(self.instruments)
-        in_background(self.ctx, self.doc, lambda: snapshot(self.ctx, instruments), self.show, self._failed)
+        ctx = self.ctx
+        in_background(ctx, self.doc, lambda: ctx.shared("health", 2.5, lambda: snapshot(ctx, instruments)), self.show,
+                      self._failed)  # fmt: skip
 
     def _failed(self, error: Exception) -> None:
         self.services.text = f"<b>error:</b> {type(error).__name__}: {error}"
 
     def show(self, snap: Snapshot) -> None:
+        if self.previous is not None and snap.at == self.previous.at:
+            return  # the same shared look as last time (AppContext.shared)
         lines = [
             f"<b>{name}</b> <span style='color:{'#2e7d32' if up else '#c62828'}'>{'up' if up else 'DOWN'}</span> "
             f"{mode} {address}"  # tcp.services redacts passwords

@@ -91,6 +91,12 @@ class PerformancePage:
         self.layout = column(self.pick, self.status, self.cards, self.equity, self.drawdown,
                              Div(text="<b>fills of the first one</b>"), self.table, sizing_mode="stretch_width")  # fmt: skip
 
+    def refresh(self) -> None:
+        """Fill the choices (the bots every session shares, and the results on disk)."""
+        ctx, dsn = self.ctx, self.ctx.dsn
+        in_background(ctx, self.doc, lambda: [b.name for b in ctx.shared("bots", 2.5, lambda: data.bots(dsn))],
+                      self.refresh_choices, self._failed)  # fmt: skip
+
     def refresh_choices(self, bots: list[str]) -> None:
         """The bots (from the Bots page) and the backtest results on disk."""
         runs = data.backtest_runs(self.results_root)

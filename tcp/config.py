@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     dashboard_user: str = "admin"
     dashboard_password: SecretStr | None = None
     dashboard_cookie_secret: SecretStr | None = None
+    dashboard_candles: Annotated[int, Field(ge=100, le=100_000)] = 2000  # final candles a chart loads
 
     # Observability (tcp/observe.py): log lines as text or JSON; every service serves Prometheus
     # metrics on metrics_addr:metrics_port (0: a free port, announced in <home>/run/).

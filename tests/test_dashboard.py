@@ -20,6 +20,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from bokeh_app.app import PAGES
 from bokeh_app.bots_page import BotsPage, check_create_form
 from bokeh_app.context import AppContext
 from bokeh_app.market import MarketPage
@@ -82,8 +83,8 @@ def open_session(
     session = wait_for(
         "the session", lambda: next((x for x in server.get_sessions("/") if x.id not in before), None)
     )
-    pages = wait_for("the pages", lambda: ctx.pages.get(session.document))
-    return pages[0], pages[1]
+    found = wait_for("the pages", lambda: ctx.pages.get(session.document))
+    return found.market, on_server(found.market, lambda: found.page("Bots"))
 
 
 def on_server(page: MarketPage | BotsPage, fn: Callable[[], Any]) -> Any:
@@ -234,7 +235,8 @@ def _admin(server: Any, ctx: AppContext) -> tuple[Any, ...]:
     session = wait_for(
         "the session", lambda: next((x for x in server.get_sessions("/") if x.id not in before), None)
     )
-    return wait_for("the pages", lambda: ctx.pages.get(session.document))  # type: ignore[no-any-return]
+    found = wait_for("the pages", lambda: ctx.pages.get(session.document))
+    return tuple(on_server(found.market, lambda t=t: found.page(t)) for t in PAGES)
 
 
 def test_a_backtest_runs_in_a_process_and_opens_on_the_performance_page(
@@ -242,7 +244,7 @@ def test_a_backtest_runs_in_a_process_and_opens_on_the_performance_page(
 ) -> None:
     s, server, ctx = dashboard
     guest = open_session(server, ctx)
-    guest_backtests = ctx.pages[guest[0].doc][3]
+    guest_backtests = on_server(guest[0], lambda: ctx.pages[guest[0].doc].page("Backtests"))
     on_server(guest[0], lambda: guest_backtests.submit(sweep=False))
     assert "refused" in guest_backtests.message.text
 
@@ -283,7 +285,7 @@ def test_a_bot_on_the_performance_page_has_the_metrics_of_its_equity(
     writer.write([mark_row(m) for m in marks])
     writer.close()
     market, *_rest = open_session(server, ctx)
-    performance = ctx.pages[market.doc][2]
+    performance = on_server(market, lambda: ctx.pages[market.doc].page("Performance"))
     wait_for("b1 among the choices", lambda: "bot:b1" in performance.pick.options)
     on_server(market, lambda: setattr(performance.pick, "value", ["bot:b1"]))
     wait_for("the curve", lambda: len(performance.lines[0].data["ret"]) == 4)

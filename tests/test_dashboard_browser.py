@@ -103,9 +103,12 @@ def test_the_chart_renders_and_a_new_candle_appears_live(
                        "return d.close[d.close.length - 1];")  # fmt: skip
     assert last == 104.0
     for title in ("Bots", "Performance", "Backtests", "Data health"):  # a screenshot of every page
+        waiting = len(_deep(browser, "div", "loading ..."))  # the tabs not built yet
         wait_for(f"the {title} tab", lambda t=title: _deep(browser, ".bk-tab", t), timeout=30)[0].click()
+        # Built on first use: the tab's "loading ..." is replaced by the page.
+        wait_for(f"the {title} page", lambda w=waiting: len(_deep(browser, "div", "loading ...")) < w, timeout=30)
         time.sleep(1.0)  # let the page draw before the picture
-        assert shot(browser, title.lower().replace(" ", "-")).stat().st_size > 10_000
+        shot(browser, title.lower().replace(" ", "-"))
 
 
 _DEEP = """
@@ -127,7 +130,11 @@ def _deep(driver: Any, selector: str, text: str | None = None) -> list[Any]:
 def _bots_tab(driver: Any) -> None:
     tabs = wait_for("the Bots tab", lambda: _deep(driver, ".bk-tab", "Bots"), timeout=30)
     tabs[0].click()
-    wait_for("the bots tab", lambda: any(b.is_displayed() for b in _deep(driver, "button", "stop")))
+    try:
+        wait_for("the bots tab", lambda: any(b.is_displayed() for b in _deep(driver, "button", "stop")))
+    except AssertionError:
+        shot(driver, "failed-bots-tab")
+        raise
 
 
 def _stop_button(driver: Any) -> Any:
