@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -281,7 +282,7 @@ def run_dataflow(name: str, flow: Dataflow, args: argparse.Namespace, settings: 
         cli_main(
             flow,
             workers_per_process=args.workers,
-            process_id=args.process_id,
+            process_id=process_index(args.process_id, socket.gethostname()),
             addresses=addresses,
             epoch_interval=timedelta(seconds=settings.snapshot_interval_s),
             recovery_config=recovery,
@@ -372,10 +373,41 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _process_id(text: str) -> int | str:
+    if text == "hostname":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"-i takes a process index (0, 1, ...) or 'hostname', not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def process_index(value: int | str | None, hostname: str) -> int | None:
+    """``-i``'s value; ``hostname``: the number ending ``hostname`` (``candles-2`` -> 2)."""
+    if value != "hostname":
+        return None if value is None else int(value)
+    head, _, tail = hostname.rpartition("-")
+    if not head or not tail.isdigit():
+        msg = f"-i hostname: the host name {hostname!r} does not end in -<number> (a StatefulSet pod name)"
+        raise ValueError(msg)
+    return int(tail)
+
+
 def dataflow_options(q: argparse.ArgumentParser) -> None:
     """The options of every dataflow command: cluster layout, end of input, recovery."""
     q.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process (default 1)")
-    q.add_argument("-i", "--process-id", type=int, default=None, help="this process's index in a cluster")
+    q.add_argument(
+        "-i",
+        "--process-id",
+        type=_process_id,
+        default=None,
+        help="this process's index in a cluster; 'hostname': the number ending the host name "
+        "(a Kubernetes StatefulSet pod candles-2 is process 2)",
+    )
     q.add_argument("-a", "--addresses", help="comma-separated host:port of every process in the cluster")
     q.add_argument(
         "--exit-at-end", action="store_true", help="stop at the end of the topic (closes every window)"

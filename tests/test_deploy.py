@@ -100,3 +100,81 @@ def test_the_image_runs_as_an_unprivileged_user_with_the_cli_as_entry_point() ->
     assert 'ENTRYPOINT ["tcp"]' in final
     for package in ("tcp", "connectors", "dataflows", "strategies", "bots", "sinks", "backtest"):
         assert f"COPY {package} ./{package}" in dockerfile, package
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes (deploy/k8s)
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs = []
+    for name in kustomization["resources"]:  # every listed file exists and parses
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}, "a manifest is not listed"
+    return docs
+
+
+def workloads(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = ("Deployment", "StatefulSet", "Job")
+    return {d["metadata"]["name"]: d for d in manifests if d["kind"] in kinds}
+
+
+def test_every_container_runs_a_command_the_cli_accepts_as_an_unprivileged_user(
+    manifests: list[dict[str, Any]],
+) -> None:
+    parser = build_parser()
+    found = workloads(manifests)
+    assert {"tcp-init", "ingest", "candles", "archive", "bots", "supervisor", "dashboard"} <= set(found)
+    for name, workload in found.items():
+        pod = workload["spec"]["template"]["spec"]
+        assert (
+            pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        ), name
+        for container in pod["containers"]:
+            args = parser.parse_args(container["args"])  # SystemExit on an unknown command or option
+            assert callable(args.func), name
+            assert container["image"] == "tcp-dashboard:latest", name
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert "memory" in container["resources"]["limits"], name
+            refs = {next(iter(ref)): next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+            assert refs == {"configMapRef": "tcp-config", "secretRef": "tcp-secrets"}, name
+
+
+def test_config_and_secret_keys_are_settings_and_secrets_stay_templates(
+    manifests: list[dict[str, Any]],
+) -> None:
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in manifests}
+    config = by_kind[("ConfigMap", "tcp-config")]["data"]
+    secret = by_kind[("Secret", "tcp-secrets")]["stringData"]
+    assert set(config) | set(secret) <= setting_names()
+    assert not set(config) & set(secret)
+    for key, value in secret.items():
+        assert "CHANGE-ME" in value, f"{key}: the Secret in the repository must stay a template"
+    for key in ("TCP_POSTGRES_DSN", "TCP_DASHBOARD_PASSWORD"):
+        assert key not in config, f"{key} is a secret: it belongs in the Secret"
+    Settings.model_validate({k.removeprefix("TCP_").lower(): v for k, v in config.items()})  # valid values
+
+
+def test_the_candle_statefulset_is_one_bytewax_cluster(manifests: list[dict[str, Any]]) -> None:
+    from tcp.cli import process_index
+
+    candles = workloads(manifests)["candles"]
+    spec = candles["spec"]
+    args = build_parser().parse_args(spec["template"]["spec"]["containers"][0]["args"])
+    hosts = [address.split(":")[0] for address in args.addresses.split(",")]
+    service = spec["serviceName"]
+    assert hosts == [f"candles-{i}.{service}" for i in range(spec["replicas"])]  # pod i is address i
+    assert args.process_id == "hostname" and process_index(args.process_id, "candles-1") == 1
+    with pytest.raises(ValueError, match="does not end in -<number>"):
+        process_index("hostname", "laptop")
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in manifests}
+    assert by_kind[("Service", service)]["spec"]["clusterIP"] == "None"  # stable per-pod names
+    claim = by_kind[("PersistentVolumeClaim", "candles-recovery")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every process reads the whole store
+    config = by_kind[("ConfigMap", "tcp-config")]["data"]
+    assert int(config["TCP_TOPIC_PARTITIONS"]) >= spec["replicas"]
