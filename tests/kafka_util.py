@@ -12,7 +12,8 @@ from tcp.config import Settings
 def read_topic(
     settings: Settings, name: str, *, expect: int | None = None, idle_s: float = 1.5, timeout_s: float = 30.0
 ) -> list[Message]:
-    """All messages of the (prefixed) topic ``name``: until ``expect`` are read, or none came for ``idle_s``."""
+    """All messages of the (prefixed) topic ``name``: with ``expect``, until that many are read (or
+    ``timeout_s`` passed); without, until none came for ``idle_s``."""
     topic = settings.topic(name)
     consumer = Consumer(
         {
@@ -35,9 +36,10 @@ def read_topic(
                     out.append(msg)
             if batch:
                 last = time.monotonic()
-            if expect is not None and len(out) >= expect:
-                # Keep reading a moment: more than expected is a failure the caller should see.
-                if time.monotonic() - last > 0.3:
+            if expect is not None:
+                # Wait up to timeout_s for the expected count, then keep reading a moment: more
+                # than expected is a failure the caller should see.
+                if len(out) >= expect and time.monotonic() - last > 0.3:
                     break
             elif time.monotonic() - last > idle_s:
                 break
