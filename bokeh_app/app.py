@@ -2,14 +2,21 @@
 
 Only the Market page is built when a browser tab opens; every other page is built the first
 time its tab is chosen (a document with all five pages took about 1.4 s more to draw 10,000
-candles: BENCHMARKS.md).
+candles: BENCHMARKS.md). Under ``tcp dashboard`` the first chart's candles are read before the
+document is made (:class:`Prefetch`, awaited by the server off its I/O loop), so the browser
+gets them with the document and draws the chart once, instead of drawing it empty and again
+when the rows arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from bokeh.application.application import SessionContext
+from bokeh.application.handlers.handler import Handler
 from bokeh.document import Document
 from bokeh.layouts import column
 from bokeh.models import TabPanel, Tabs
@@ -24,7 +31,7 @@ from bokeh_app.health import HealthPage
 from bokeh_app.market import MarketPage
 from bokeh_app.performance import PerformancePage
 
-__all__ = ["PAGES", "Session", "make_document"]
+__all__ = ["PAGES", "Prefetch", "Session", "make_document"]
 
 #: The tabs, in order.
 PAGES = ("Market", "Bots", "Performance", "Backtests", "Data health")
@@ -34,6 +41,46 @@ def _cookies(doc: Document) -> dict[str, str] | None:
     context = doc.session_context
     request = getattr(context, "request", None)  # a server session's HTTP request (None in tests)
     return None if request is None else dict(request.cookies)
+
+
+@dataclass(frozen=True, slots=True)
+class Initial:
+    """What a new session shows first: the instruments (or why there are none) and, when read
+    ahead, the candles of the first stream."""
+
+    instruments: list[str]
+    problem: str = ""
+    rows: list[tuple[Any, ...]] | None = None
+
+    @classmethod
+    def read(cls, ctx: AppContext, *, candles: bool) -> Initial:
+        """Blocking (PostgreSQL): call it off the document's thread where possible."""
+        try:
+            instruments = data.instruments(ctx.dsn)
+            rows = None
+            if candles and instruments:
+                first = (instruments[0], ctx.settings.timeframes[0])
+                rows = data.candle_rows(ctx.dsn, *first, limit=ctx.settings.dashboard_candles)
+        except Exception as exc:  # the page still opens, and says why it is empty
+            return cls([], f"PostgreSQL: {type(exc).__name__}: {exc}")
+        return cls(instruments, "", rows)
+
+
+class Prefetch(Handler):
+    """A server handler that reads a new session's :class:`Initial` on the I/O threads before the
+    document is made (Bokeh awaits ``on_session_created`` first); ``make_document`` takes it."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def modify_document(self, doc: Document) -> None:
+        """Nothing: :func:`make_document` builds the document."""
+
+    async def on_session_created(self, session_context: SessionContext) -> None:
+        loop = asyncio.get_running_loop()
+        initial = await loop.run_in_executor(self.ctx.executor, lambda: Initial.read(self.ctx, candles=True))
+        self.ctx.prefetched[session_context.id] = initial
 
 
 class Session:
@@ -89,13 +136,11 @@ class Session:
 def make_document(ctx: AppContext, doc: Document) -> None:
     """Build one session's document (Bokeh calls this for every new browser tab)."""
     user = session_user(ctx.credentials, _cookies(doc))
-    try:
-        instruments = data.instruments(ctx.dsn)  # one quick query, before the page exists
-    except Exception as exc:  # the page still opens, and says why it is empty
-        instruments = []
-        problem = f"PostgreSQL: {type(exc).__name__}: {exc}"
-    else:
-        problem = ""
+    context = doc.session_context
+    initial = None if context is None else ctx.prefetched.pop(context.id, None)
+    if initial is None:  # no Prefetch handler (``bokeh serve bokeh_app``, tests): one quick query
+        initial = Initial.read(ctx, candles=False)
+    instruments, problem = initial.instruments, initial.problem
     session = Session(ctx, doc, user, instruments)
     who = (
         f"logged in as <b>{user}</b> (<a href='/logout'>log out</a>)"
@@ -105,7 +150,10 @@ def make_document(ctx: AppContext, doc: Document) -> None:
     header = Div(text=f"<b>TCP Dashboard</b> &nbsp; {who} {problem}", sizing_mode="stretch_width")
     doc.add_root(column(header, session.tabs, sizing_mode="stretch_width"))
     doc.title = "TCP Dashboard"
-    session.market.load()
+    if initial.rows is not None:
+        session.market.show(initial.rows)
+    else:
+        session.market.load()
     session.market.load_bot_names()
     ctx.pages[doc] = session
 

@@ -34,6 +34,8 @@ class AppContext:
     )
     #: Each open session (bokeh_app.app.Session) by document, for tests and the health view.
     pages: weakref.WeakKeyDictionary[Document, Any] = field(default_factory=weakref.WeakKeyDictionary)
+    #: What bokeh_app.app.Prefetch read for a session about to be made, by session id.
+    prefetched: dict[str, Any] = field(default_factory=dict)
 
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -116,7 +116,7 @@ class MarketPage:
             title="Instrument", value=first, options=choices(instruments or [""]), width=150
         )
         self.timeframe = Select(
-            title="Timeframe", value=timeframes[0], options=choices(timeframes), width=100
+            title="Timeframe", value=timeframes[0], options=choices(timeframes), width=100, name="timeframe"
         )
         self.overlays = CheckboxGroup(labels=list(_OVERLAYS), active=[0])
         self.bot = Select(title="Fills of bot", value="", options=choices([""]), width=160)
@@ -219,6 +219,10 @@ class MarketPage:
         dsn = self.ctx.dsn
         in_background(self.ctx, self.doc, lambda: data.candle_rows(dsn, inst_id, timeframe, end=end, limit=self.history),
                       lambda rows: self._loaded((inst_id, timeframe), rows), self._failed)  # fmt: skip
+
+    def show(self, rows: list[tuple[Any, ...]]) -> None:
+        """Show rows already read for the current stream (a new session's first chart)."""
+        self._loaded(self.stream(), rows)
 
     def _failed(self, error: Exception) -> None:
         self.status.text = f"<b>error:</b> {type(error).__name__}: {error}"

@@ -19,7 +19,7 @@ from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.server.server import Server
 
-from bokeh_app.app import make_document
+from bokeh_app.app import Prefetch, make_document
 from bokeh_app.auth import COOKIE, Credentials, DashboardAuth
 from bokeh_app.context import AppContext
 from bokeh_app.hub import LiveHub
@@ -43,7 +43,7 @@ def make_server(settings: Settings, *, port: int = 5006, address: str = "127.0.0
     credentials = Credentials.from_settings(settings)
     hub = LiveHub(settings.redis_url.get_secret_value()).start()
     ctx = AppContext(settings, credentials, hub)
-    app = Application(FunctionHandler(partial(make_document, ctx)))
+    app = Application(Prefetch(ctx), FunctionHandler(partial(make_document, ctx)))
     server = Server(
         {"/": app},
         port=port,
