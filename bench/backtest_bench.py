@@ -40,8 +40,8 @@ START_MS = 1_710_028_800_000  # 2024-03-10 00:00 UTC
 FAST, SLOW = 12, 26
 FEE, SLIPPAGE_BPS = 0.001, 5
 ENGINE_CANDLES = 1_000_000
-#: 100 combinations x 1M candles would take ~2.5 min on 2 cores: the sweep runs on fewer candles.
-SWEEP_CANDLES = 250_000
+#: The issue asks for 100 combinations on 1M candles (~2.5 min on 2 cores).
+SWEEP_CANDLES = 1_000_000
 SWEEP_GRID = {"fast": list(range(2, 12)), "slow": list(range(20, 60, 4))}
 
 
@@ -202,7 +202,7 @@ def sweep_rows(n: int | None = None) -> list[Row]:
                            workers=2, out=Path(tmp) / "out")  # fmt: skip
         elapsed = time.perf_counter() - start
     assert all(row.error is None for row in result.rows)
-    scaled_note = "" if n >= ENGINE_CANDLES else f" (on {n:,} candles, not 1M: 100 x 1M would take minutes)"
+    scaled_note = "" if n >= ENGINE_CANDLES else f" (on {n:,} candles: BENCH_SCALE)"
     return [
         Row(f"`tcp backtest sweep`: {combos} ema_crossover combinations x {n:,} 1m candles, 2 worker processes"
             f"{scaled_note}: {elapsed:.1f} s, {combos * n / elapsed:,.0f} candle-steps/s", combos / elapsed,
