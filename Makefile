@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(0 if (3,11) <= sys.version_info[:2] <= (3,12) else 1)' 2>/dev/null && { echo $$p; break; }; \
 	done)
 
-.PHONY: install browser demo test bench lint services-down clean
+.PHONY: install browser demo test bench drill lint services-down clean
 
 install: $(STAMP)
 
@@ -49,6 +49,13 @@ browser:
 
 bench: install
 	$(PY) bench/run.py
+
+# Fault drills: the tests marked `drill` at full size (tests/drill_util.py); their figures go to
+# the "Fault drills" section of BENCHMARKS.md (bench/drills.py), passed or not.
+drill: install
+	@rm -f .drills.jsonl; started=$$(date +%s); \
+	TCP_DRILL=1 TCP_DRILL_REPORT=$(CURDIR)/.drills.jsonl $(PY) -m pytest -q -m drill -o timeout=3600; rc=$$?; \
+	$(PY) bench/drills.py .drills.jsonl --started $$started $$([ $$rc = 0 ] && echo --passed); exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 #: Multiplies every benchmark's size (``BENCH_SCALE=0.05`` for a quick check; 1 = the issues' sizes).
 SCALE_ENV = "BENCH_SCALE"
@@ -99,3 +100,21 @@ def table(rows: list[Row]) -> str:
             f"| {ratio} | {row.target} | {met} |"
         )
     return "\n".join(lines)
+
+
+def split_sections(text: str) -> tuple[str, dict[str, str]]:
+    """BENCHMARKS.md as (the part before the first section, {title: "## title ..." text})."""
+    head, *parts = text.split("\n## ")
+    sections: dict[str, str] = {}
+    for part in parts:
+        title = part.split("\n", 1)[0].strip()
+        sections[title] = "## " + part.rstrip("\n")
+    return head, sections
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the section ``## title`` of ``path``, leaving every other section as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    head, sections = split_sections(text)
+    sections[title] = f"## {title}\n\n{body.strip()}"
+    path.write_text(head.rstrip("\n") + "\n\n" + "\n\n".join(sections.values()) + "\n")

@@ -31,11 +31,13 @@ from bench import (  # noqa: E402
     lake_bench,
     stream_bench,
 )
-from bench.common import SCALE_ENV, Row, machine, scale, scaled, table  # noqa: E402
+from bench.common import SCALE_ENV, Row, machine, scale, scaled, split_sections, table  # noqa: E402
 from tcp import services  # noqa: E402
 from tcp.config import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+#: Sections written by other commands (``make drill``: bench/drills.py), kept by a full run.
+KEPT_SECTIONS = ("Fault drills",)
 SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest", "lake", "dashboard")
 #: Sections that need no Kafka, PostgreSQL or Redis.
 LOCAL_SECTIONS = frozenset({"backtest"})
@@ -139,10 +141,12 @@ DASHBOARD_NOTES = """\
 `tcp dashboard` in a subprocess over 10,000 final 1m candles (`TCP_DASHBOARD_CANDLES=10000`),
 Debian's headless Chromium driven by Selenium. First render: from `driver.get` to the candlestick
 glyph holding all 10,000 candles plus two animation frames, best of 3; baseline: the same
-figures and rows as a standalone Bokeh HTML file. Live delay: 60 final candles published on
-`market:BTC-USDT` (5/s), delay = when BokehJS streamed each into the chart (stamped in the page)
-minus when it was published; baseline: a plain Redis subscriber in the bench process. (The
-candle dataflow publishes a final candle to Redis in the step that produces it to Kafka.)
+figures and rows as a standalone Bokeh HTML file. Live delay: live trades (100/s, 9 instruments)
+through `tcp candles run` (1s candles, lateness 500 ms), which produces each final candle to the
+`candles` topic and publishes it on Redis in the same step; the page switched to BTC-USDT 1s;
+delay = when BokehJS streamed the candle into the chart (stamped in the page) minus the candle's
+Kafka message timestamp; baseline: a plain Kafka consumer of the `candles` topic in the bench
+process, the same candles.
 Server CPU: the server process's CPU time over 20 s of live updates (a forming candle every
 0.2 s, a final one every second) with 50 `bokeh.client` sessions open, against 1 session.
 """
@@ -256,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     if full or args.write:
+        if OUT.exists():
+            _, old = split_sections(OUT.read_text())
+            text += "".join(f"\n{old[title]}\n" for title in KEPT_SECTIONS if title in old)
         OUT.write_text(text)
         print(f"written to {OUT}")
     else:
