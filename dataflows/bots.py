@@ -439,11 +439,8 @@ def build_flow(
     events_topic = settings.topic(topics.BOTS_EVENTS)
     flow = Dataflow("bots")
 
-    candle_batches = op.input(
-        "candles_in",
-        flow,
-        KafkaBatchSource(settings.kafka_bootstrap, settings.topic(topics.CANDLES), tail=tail),
-    )
+    candles_source = KafkaBatchSource(settings.kafka_bootstrap, settings.topic(topics.CANDLES), tail=tail)
+    candle_batches = op.input("candles_in", flow, candles_source)
     command_batches = op.input(
         "commands_in",
         flow,
@@ -475,7 +472,9 @@ def build_flow(
     op.output(
         "events_out",
         op.flat_map("events", op.filter_map("event_items", outputs, events), lambda batch: batch),
-        KafkaProduceSink(settings.kafka_bootstrap, client_id="tcp-bots"),
+        KafkaProduceSink(
+            settings.kafka_bootstrap, client_id="tcp-bots", while_waiting=candles_source.check_topics
+        ),
     )
     if write_postgres:
         dsn = settings.postgres_dsn.get_secret_value()

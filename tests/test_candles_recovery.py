@@ -49,6 +49,7 @@ from tcp import services
 from tcp.config import DEFAULT_TIMEFRAMES, Settings
 from tcp.schemas import Trade, encode
 from tcp.topics import TRADES, ensure_topics
+from tests.drill_util import record, size
 from tests.env_util import tcp_env
 from tests.kafka_util import read_topic
 
@@ -499,6 +500,58 @@ def test_a_topic_reset_under_the_dataflow_stops_it_loudly(
         assert _rows(database, "SELECT count(*) FROM trades") == [(3000,)]
     finally:
         services.stop(base)  # its Kafka, and the Redis the dataflow started in this home
+
+
+@pytest.mark.drill
+def test_a_broker_restart_under_a_running_dataflow_stops_it_loudly(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """The drill "restart the local broker under a running dataflow": the embedded broker loses
+    its topics; the running dataflow (candles, and the trade archive under ``make drill``) must
+    not wait forever at its old offsets, nor later skip the new topic's first messages: it
+    stops within seconds with an error naming the topic, exit code 2."""
+    flows = size(["candles"], ["candles", "archive", "candles"])
+    detected: list[float] = []
+    for n, flow in enumerate(flows):
+        database = make_database()  # empty: rows appear once this run has read the trades
+        home = tmp_path / f"broker-{n}"
+        base = Settings.load(home=home, kafka_bootstrap="", postgres_dsn=SecretStr(database),
+                             topic_prefix=f"restart-{uuid.uuid4().hex[:8]}.")  # fmt: skip
+        kafka = services.ensure(base, ("kafka",))
+        try:
+            ensure_topics(kafka)
+            _produce(kafka, 300, first_id=1 + n * 1_000_000)
+            run = _Run(_env(kafka, home, database, tmp_path / f"recovery-{n}"), tmp_path / f"{flow}-{n}.log",
+                       flow=flow)  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                table = "candles" if flow == "candles" else "trades"
+                while not _rows(database, f"SELECT count(*) FROM {table}")[0][0]:  # noqa: S608
+                    assert run.proc.poll() is None and time.monotonic() < deadline, run.output()
+                    time.sleep(0.2)
+                # The broker restarts under the running dataflow; the ingest re-creates the topics.
+                services.stop(kafka, ("kafka",))
+                kafka = services.ensure(base, ("kafka",))
+                ensure_topics(kafka)
+                back = time.monotonic()
+                _produce(kafka, 3000, first_id=500_000 + n * 1_000_000)
+                code = run.wait(60)
+                detected.append(time.monotonic() - back)
+            finally:
+                if run.proc.poll() is None:
+                    run.kill()
+            output = run.output()
+            assert code == 2, output
+            assert (
+                f"error: {kafka.topic(TRADES)}" in output
+                and "the topic was reset under the running dataflow" in output
+            )
+        finally:
+            services.stop(base)
+    record("broker restarted under a running dataflow (embedded Tansu: topics lost)", runs=len(flows),
+           compared=len(flows), lost=0, duplicated=0,
+           detail=f"every restart stopped the dataflow with exit code 2 and the error, "
+           f"{max(detected):.1f} s at most after the broker was back ({', '.join(flows)})")  # fmt: skip
 
 
 def test_partition_state_checks_the_topic_id(settings: Settings) -> None:
