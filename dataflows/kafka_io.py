@@ -330,6 +330,11 @@ class KafkaBatchSource(FixedPartitionedSource[MessageBatch, _Resume]):
             log.warning(
                 "%s[%s]: the broker reports no topic id: cannot check the topic was not reset", topic, idx
             )
+        # Where each partition starts (a resume shows its offset); also the moment the input
+        # starts, after start-up and the cluster's connection (bench/scaling_bench.py times from it).
+        log.info(
+            "%s[%s]: reading from %s", topic, idx, f"offset {offset}" if offset >= 0 else "the beginning"
+        )
         return _BatchPartition(dict(self._config), topic, int(idx), offset, self._batch_size, current,
                                lambda: self.check_topic(topic))  # fmt: skip
 
