@@ -29,6 +29,7 @@ from bench import (  # noqa: E402
     dashboard_bench,
     ingest_bench,
     lake_bench,
+    scaling_bench,
     stream_bench,
 )
 from bench.common import SCALE_ENV, Row, machine, scale, scaled, split_sections, table  # noqa: E402
@@ -38,7 +39,9 @@ from tcp.config import Settings  # noqa: E402
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 #: Sections written by other commands (``make drill``: bench/drills.py), kept by a full run.
 KEPT_SECTIONS = ("Fault drills",)
-SECTIONS = ("ingest", "batch", "stream", "latency", "rss", "bots", "backtest", "lake", "dashboard")
+SECTIONS = (
+    "ingest", "batch", "stream", "scaling", "latency", "rss", "bots", "backtest", "lake", "dashboard",
+)  # fmt: skip
 #: Sections that need no Kafka, PostgreSQL or Redis.
 LOCAL_SECTIONS = frozenset({"backtest"})
 
@@ -67,6 +70,31 @@ archive row per trade into the same `trades` sink. It builds 1 timeframe where o
 no flat candles, dedupe or revisions, so the ratio is conservative. Same broker, same database,
 same machine, same run; the PostgreSQL server and the embedded broker share the 2 cores. Ours is
 the best of 2 runs, the baseline 1 run (run between ours): worth a few % in our favour.
+"""
+
+SCALING_NOTES = """\
+The real CLI, `tcp candles run --exit-at-end --no-recovery`, as subprocesses over an `okx.trades`
+topic of 6 partitions (a topic prefix of its own) pre-filled with generated trades in time order,
+in three layouts: 1x1 (one process, `-w 1`), 1x2 (one process, `-w 2`: two worker threads under one
+GIL) and 2x1 (two processes `-w 1 -i 0|1 -a` two free local ports: a Bytewax cluster). Two data
+sets: the stream section's 9 instruments over a day (weighted like the live set: Kafka's
+partitioner puts them in 4 of the 6 partitions, one holding about half the trades) and 120
+synthetic instruments round robin over 2 h (even partitions). Each run writes into the bench
+database's `candles` (truncated before it), to Kafka `candles` and to Redis, like a deployment;
+each layout runs twice, interleaved, and the faster run is shown. Timed from the spawn to the exit
+of every process (start-up included: interpreter, imports, services check, migrations, the
+cluster's connection), and from the earliest "reading from" log line of the Kafka source (the input
+starts) to that exit: start-up excluded, but not the first fetch, the end-of-partition detection
+and the shut-down, a fixed cost measured by running each layout over an empty 6-partition topic
+(the "less the fixed cost" figure subtracts it). CPU-s: user + system time of the layout's
+processes, start-up included; "machine busy": the share of both cores' time that was busy during
+the run (/proc/stat: the dataflow, the services and anything else on the machine). The baseline is
+1x1 in the same run. The candles of every run are compared with the first 1x1 run's, row by row,
+every column as PostgreSQL's text (NUMERIC exactly as stored): the bench stops if they differ or if
+the 1m candles do not count every trade. All processes share this machine's 2 cores with the Kafka
+broker (embedded Tansu), PostgreSQL and Redis (and whatever else runs on the machine: see the load
+average above), so a second process or worker competes with the services it feeds: these are
+figures for this box, not for a cluster of machines.
 """
 
 LATENCY_NOTES = """\
@@ -200,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         "Candles, streaming: Kafka -> candles -> PostgreSQL, one worker",
         STREAM_NOTES,
         lambda: stream_bench.throughput_rows(settings),
+    )
+    section(
+        "scaling",
+        "Scaling: the candle dataflow as 1x1, 1x2 and 2x1 (processes x workers), 6 partitions",
+        SCALING_NOTES,
+        lambda: scaling_bench.scaling_rows(settings),
     )
     section(
         "latency",

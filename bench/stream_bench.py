@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -120,8 +121,9 @@ def delete_topics(settings: Settings) -> None:
             future.result(timeout=30)
 
 
-def fill_topic(settings: Settings, messages: Sequence[tuple[bytes, bytes]]) -> None:
-    """Produce pre-encoded ``(value, key)`` into ``okx.trades`` and wait until all are delivered."""
+def fill_topic(settings: Settings, messages: Sequence[tuple[bytes, bytes]]) -> Counter[int]:
+    """Produce pre-encoded ``(value, key)`` into ``okx.trades`` and wait until all are delivered;
+    returns how many messages went to each partition."""
     from confluent_kafka import Producer
 
     from tcp.topics import TRADES
@@ -136,10 +138,13 @@ def fill_topic(settings: Settings, messages: Sequence[tuple[bytes, bytes]]) -> N
         }
     )
     failed: list[Any] = []
+    partitions: Counter[int] = Counter()
 
-    def report(err: Any, _msg: Any) -> None:
+    def report(err: Any, msg: Any) -> None:
         if err is not None:
             failed.append(err)
+        else:
+            partitions[msg.partition()] += 1
 
     for i, (value, key) in enumerate(messages):
         while True:
@@ -154,6 +159,7 @@ def fill_topic(settings: Settings, messages: Sequence[tuple[bytes, bytes]]) -> N
     if remaining or failed:
         msg = f"filling {topic}: {remaining} undelivered, {len(failed)} failed ({failed[:3]})"
         raise RuntimeError(msg)
+    return partitions
 
 
 def many_instruments(n: int, instruments: int, span_ms: int) -> Iterator[Any]:
