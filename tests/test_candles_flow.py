@@ -179,17 +179,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def flow_env(settings: Settings, home: Path) -> dict[str, str]:
+def flow_env(settings: Settings, home: Path, log_level: str = "WARNING") -> dict[str, str]:
     """TCP_* variables that make ``tcp candles run`` use exactly these settings."""
-    return tcp_env(settings, TCP_HOME=str(home), TCP_LOG_LEVEL="WARNING")
+    return tcp_env(settings, TCP_HOME=str(home), TCP_LOG_LEVEL=log_level)
 
 
 @contextmanager
 def candle_processes(
-    settings: Settings, tmp_path: Path, commands: Sequence[Sequence[str]]
+    settings: Settings, tmp_path: Path, commands: Sequence[Sequence[str]], log_level: str = "WARNING"
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``tcp candles run --no-recovery ARGS`` for each ARGS; stopped (SIGTERM) on the way out."""
-    env = flow_env(settings, tmp_path / "home")
+    """``tcp candles run --no-recovery ARGS`` for each ARGS; stopped (SIGTERM) on the way out.
+    Process ``i`` logs to ``tmp_path / f"candles-run-{i}.log"``."""
+    env = flow_env(settings, tmp_path / "home", log_level)
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     try:
