@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import sys
@@ -418,7 +419,8 @@ def dataflow_options(q: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``tcp`` parser; with ``command``, only the subcommands that one needs are imported."""
     parser = argparse.ArgumentParser(
         prog="tcp", description="TCP Dashboard: crypto trading research platform"
     )
@@ -474,22 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=_cmd_dlq)
 
-    from backtest.cli import register as register_export
-    from backtest.commands import register_backtest
-    from backtest.replay import register_replay
-    from bokeh_app.server import register as register_dashboard
-    from bots.cli import register as register_bots
-    from sinks.db_cli import register as register_db
-    from tcp.run import cmd_demo
-    from tcp.run import register as register_run
-
-    register_export(sub)
-    register_backtest(sub)
-    register_replay(sub)
-    register_dashboard(sub)
-    register_bots(sub, dataflow_options=dataflow_options)
-    register_run(sub, speed=_parse_speed)
-    register_db(sub)
+    takes: dict[str, dict[str, object]] = {
+        "": {},
+        "dataflow_options": {"dataflow_options": dataflow_options},
+        "speed": {"speed": _parse_speed},
+    }
+    for module, function, options in _extra_registrations(command):
+        getattr(importlib.import_module(module), function)(sub, **takes[options])
 
     p = sub.add_parser(
         "demo", help="start what is missing, run the demo end to end, then serve the dashboard live"
@@ -498,12 +491,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-serve", action="store_true", help="stop after the end-to-end run (no live part, no dashboard)"
     )
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from tcp.run import cmd_demo
+
+    return cmd_demo(args, settings)
+
+
+#: Subcommands registered by other packages: (command, module, its register function, what else
+#: it takes). Their modules import Bokeh, DuckDB, pyarrow ... (~140 MB and ~1 s together): a
+#: process runs `tcp candles run` without them. All are registered for --help and unknown words.
+_EXTRA_COMMANDS = (
+    ("export", "backtest.cli", "register", ""),
+    ("sql", "backtest.cli", "register", ""),
+    ("backtest", "backtest.commands", "register_backtest", ""),
+    ("replay", "backtest.replay", "register_replay", ""),
+    ("dashboard", "bokeh_app.server", "register", ""),
+    ("bots", "bots.cli", "register", "dataflow_options"),
+    ("run", "tcp.run", "register", "speed"),
+    ("db", "sinks.db_cli", "register", ""),
+)
+_CORE_COMMANDS = ("services", "ingest", "candles", "archive", "dlq", "demo")
+
+
+def _extra_registrations(command: str | None) -> list[tuple[str, str, str]]:
+    """What to import and register for ``command`` (None: everything), each module once."""
+    if command in _CORE_COMMANDS:
+        return []
+    chosen = [row for row in _EXTRA_COMMANDS if command is None or row[0] == command] or list(_EXTRA_COMMANDS)
+    return list(dict.fromkeys((module, function, options) for _, module, function, options in chosen))
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand word of a command line (the first word not starting with '-')."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_in(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     settings = Settings.load()
     configure_logging(args.command, settings, verbose=args.verbose)
     try:

@@ -14,6 +14,8 @@ from tcp.config import Settings
 from tests.env_util import tcp_env
 from tests.kafka_util import read_topic
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _env(settings: Settings, home: Path) -> dict[str, str]:
     return tcp_env(settings, TCP_HOME=str(home))
@@ -112,3 +114,32 @@ def test_ctrl_c_flushes_everything_it_counted(services_settings: Settings, tmp_p
     counted = [int(n.replace(",", "")) for n in re.findall(r"trades ([\d,]+)", err)]
     assert counted and counted[-1] > 0
     assert len(read_topic(settings, "okx.trades", expect=counted[-1])) == counted[-1]
+
+
+def test_a_dataflow_command_does_not_import_the_dashboard_or_the_backtests() -> None:
+    """`tcp candles run` (a scaled-out worker) parses its command line without importing Bokeh,
+    DuckDB or pyarrow: ~140 MB of RSS and ~1 s of start-up it does not need. `tcp --help` still
+    lists every command."""
+    probe = (
+        "import sys\n"
+        "from tcp import cli\n"
+        "cli.build_parser(cli._command_in(['-v', 'candles', 'run', '-w', '1']))\n"
+        "print(sorted(m for m in ('bokeh', 'duckdb', 'pyarrow', 'backtest.engine') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+    usage = subprocess.run([sys.executable, "-m", "tcp.cli", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    for command in (
+        "candles",
+        "export",
+        "sql",
+        "backtest",
+        "replay",
+        "dashboard",
+        "bots",
+        "run",
+        "db",
+        "demo",
+    ):
+        assert command in usage
