@@ -232,17 +232,19 @@ class MarketPage:
             return
         self._set_widths()
         self.indicators = _Indicators()
-        columns = _empty()
-        for r in rows:
-            for k, v in {
-                **candle_row((data.epoch_ms(r[0]), *r[1:])),
-                **self.indicators.update(r[4]),
-            }.items():
-                columns[k].append(v)
-        # A new stream: a new data set (live updates only stream/patch). Numbers as numpy arrays:
-        # Bokeh sends those as binary buffers, not a JSON number each; float32 (7 significant
-        # digits, for drawing only) except the times (epoch ms need float64).
-        arrays = {k: np.asarray(v, dtype=np.float64 if k == "ts" else np.float32) for k, v in columns.items()}
+        # Numbers as numpy arrays: Bokeh sends those as binary buffers, not a JSON number each;
+        # float32 (7 significant digits, for drawing only) except the times (epoch ms need float64).
+        n = len(rows)
+        ts = np.fromiter((data.epoch_ms(r[0]) for r in rows), dtype=np.float64, count=n)
+        ohlcv = np.array([r[1:6] for r in rows], dtype=np.float64).reshape(n, 5)
+        arrays: dict[str, Any] = {"ts": ts}
+        for k, name in enumerate(("open", "high", "low", "close", "volume")):
+            arrays[name] = ohlcv[:, k].astype(np.float32)
+        arrays["up"] = (ohlcv[:, 3] >= ohlcv[:, 0]).astype(np.float32)
+        update = self.indicators.update  # the streaming objects live updates continue from
+        values = [update(close) for close in ohlcv[:, 3].tolist()]
+        for name in _INDICATORS:
+            arrays[name] = np.fromiter((v[name] for v in values), dtype=np.float32, count=n)
         self.source.data = arrays
         self.forming.data = _empty()
         self.status.text = f"{stream[0]} {stream[1]}: {len(rows):,} final candles" + (
