@@ -38,7 +38,7 @@ import msgspec
 
 from connectors.base import Batch
 from connectors.okx.parse import FrameKind, parse_ws_frame
-from tcp.schemas import MAX_TS_MS, MIN_TS_MS, DeadLetter, Trade, trade_problem
+from tcp.schemas import MAX_COUNT, MAX_TS_MS, MIN_TS_MS, DeadLetter, Trade, trade_problem
 from tcp.timeframes import now_ms
 
 __all__ = [
@@ -406,8 +406,13 @@ class _CsvColumns:
         count = 1
         if i_count >= 0 and fields[i_count]:
             text = fields[i_count]
-            if not (text.isdigit() and text.isascii() and len(text) <= _MAX_ID_DIGITS and int(text) >= 1):
-                return f"count: {text!r} is not a positive integer"
+            if not (
+                text.isdigit()
+                and text.isascii()
+                and len(text) <= _MAX_ID_DIGITS
+                and 1 <= int(text) <= MAX_COUNT
+            ):
+                return f"count: {text!r} is not a positive integer (at most {MAX_COUNT})"
             count = int(text)
         trade = Trade(
             fields[i_inst],

@@ -359,6 +359,8 @@ def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
                     continue
                 letter = decode_dead_letter(msg.value() or b"")
                 raw = letter.raw if letter.raw is not None else f"<{len(letter.raw_bytes())} bytes, base64>"
+                if letter.cut:
+                    raw = f"<{letter.raw_size:,} bytes, sha256 {letter.raw_sha256}; the first ones:> {raw}"
                 print(f"{letter.where}  {letter.reason}\n    {raw[:200]}")
                 shown += 1
                 idle_since = time.monotonic()

@@ -16,6 +16,11 @@ from typing import Annotated, Literal
 import msgspec
 
 __all__ = [
+    "MAX_BIGINT",
+    "MAX_COUNT",
+    "MAX_KEPT",
+    "MAX_REASON",
+    "MAX_SOURCE",
     "MAX_TS_MS",
     "MIN_TS_MS",
     "DeadLetter",
@@ -42,6 +47,16 @@ Side = Literal["buy", "sell"]
 Origin = Literal["ws", "rest", "replay", "sim"]
 
 EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
+
+# The integer fields' bounds are the PostgreSQL columns' (sinks/migrations): a value the archive
+# could not store (``trades.source`` is a smallint, ``count`` an integer, ids bigint) or turn
+# into a timestamp must be dead-lettered here, not crash a sink at every restart.
+#: PostgreSQL ``bigint``.
+MAX_BIGINT = 2**63 - 1
+#: PostgreSQL ``integer`` (``trades.count``).
+MAX_COUNT = 2**31 - 1
+#: PostgreSQL ``smallint`` (``trades.source``).
+MAX_SOURCE = 2**15 - 1
 
 
 def is_positive_decimal(text: str) -> bool:
@@ -93,16 +108,16 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
     """
 
     inst_id: str
-    trade_id: Annotated[int, msgspec.Meta(ge=0)]
+    trade_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_BIGINT)]
     px: str
     sz: str
     side: Side
     ts: EpochMs
     origin: Origin
-    received_at: Annotated[int, msgspec.Meta(ge=0)] = 0
-    count: Annotated[int, msgspec.Meta(ge=1)] = 1
-    source: Annotated[int, msgspec.Meta(ge=0)] = 0
-    seq_id: int | None = None
+    received_at: Annotated[int, msgspec.Meta(ge=0, lt=MAX_TS_MS)] = 0  # 0: not known
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] = 1
+    source: Annotated[int, msgspec.Meta(ge=0, le=MAX_SOURCE)] = 0
+    seq_id: Annotated[int, msgspec.Meta(ge=-MAX_BIGINT - 1, le=MAX_BIGINT)] | None = None
 
     @property
     def price(self) -> Decimal:
@@ -118,12 +133,24 @@ class Trade(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fiel
         return self.inst_id.encode()
 
 
+#: The most of a bad input a dead letter keeps (bytes, or characters of a text input), and the
+#: longest reason: a letter must fit in one Kafka message (1 MB by default) even when its input
+#: did not fit in less, and JSON writes a control character as six bytes.
+MAX_KEPT = 64 * 1024
+MAX_REASON = 1_000
+
+
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
     """A message that could not be turned into a trade, kept with the reason.
 
     ``raw`` holds the input exactly when it is UTF-8 text; otherwise ``raw_b64`` holds the bytes
     in base64. ``where`` says where it came from (``okx.ws``, ``replay:FILE:LINE``, a topic and
     offset, ...), ``at`` is when it was dead-lettered (epoch ms).
+
+    An input longer than :data:`MAX_KEPT` is cut: the letter keeps its first ``MAX_KEPT``
+    bytes (characters, for text), with ``raw_size`` (its length in bytes) and ``raw_sha256``
+    (hex) of the whole input; both are absent when the input is kept whole. A reason longer
+    than :data:`MAX_REASON` characters is cut too.
     """
 
     reason: str
@@ -131,9 +158,25 @@ class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
     at: int
     raw: str | None = None
     raw_b64: str | None = None
+    raw_size: int | None = None
+    raw_sha256: str | None = None
 
     @classmethod
     def of(cls, raw: bytes | str, *, reason: str, where: str, at: int) -> DeadLetter:
+        if len(reason) > MAX_REASON:
+            reason = f"{reason[:MAX_REASON]}... ({len(reason):,} characters)"
+        if len(raw) <= MAX_KEPT:
+            return cls._keep(raw, reason, where, at)
+        import hashlib
+
+        whole = raw.encode("utf-8") if isinstance(raw, str) else raw
+        kept = cls._keep(raw[:MAX_KEPT], reason, where, at)
+        return msgspec.structs.replace(
+            kept, raw_size=len(whole), raw_sha256=hashlib.sha256(whole).hexdigest()
+        )
+
+    @classmethod
+    def _keep(cls, raw: bytes | str, reason: str, where: str, at: int) -> DeadLetter:
         if isinstance(raw, str):
             return cls(reason=reason, where=where, at=at, raw=raw)
         try:
@@ -143,7 +186,13 @@ class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
 
             return cls(reason=reason, where=where, at=at, raw_b64=base64.b64encode(raw).decode())
 
+    @property
+    def cut(self) -> bool:
+        """Whether the letter keeps only the beginning of its input (see ``raw_size``)."""
+        return self.raw_size is not None
+
     def raw_bytes(self) -> bytes:
+        """The input, or only its beginning when the letter is ``cut``."""
         if self.raw is not None:
             return self.raw.encode("utf-8")
         import base64

@@ -346,6 +346,10 @@ def _without(field: str) -> dict[str, Any]:
         (item_now(count="0"), "count: '0' is not a positive integer"),
         (item_now(source="x"), "source: 'x' is not a non-negative integer"),
         (item_now(seqId="x"), "seqId: 'x' is not an integer"),
+        # Beyond the PostgreSQL columns (trades.count integer, source smallint, seq_id bigint):
+        (item_now(count="2147483648"), "trade: Expected `int` <= 2147483647 - at `$.count`"),
+        (item_now(source="32768"), "trade: Expected `int` <= 32767 - at `$.source`"),
+        (item_now(seqId=2**63), "trade: Expected `int` <= 9223372036854775807 - at `$.seq_id`"),
         (item_now(instId="BTC-USDT"), "instId: 'BTC-USDT' does not match the channel's instId 'ETH-USDT'"),
         (item_now(instId="eth-usdt"), "instId: 'eth-usdt' is not an instrument id"),
         ("just a string", "trade: expected an object, got string 'just a string'"),

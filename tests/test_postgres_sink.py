@@ -120,3 +120,30 @@ def test_give_up_after_raises(tmp_path: Path) -> None:
     with pytest.raises(psycopg.OperationalError):
         writer.write([candle("1", 0)])
     assert writer.retries >= 1
+
+
+def test_a_trades_largest_integers_fit_the_trades_and_candles_columns(database: str) -> None:
+    """tcp.schemas bounds a trade's integers by these columns (a value beyond them is dead-lettered
+    at decoding instead of stopping a sink): the extremes are stored exactly."""
+    from dataflows.archive import TRADES_UPSERT, trade_rows
+    from dataflows.build import build_candles
+    from dataflows.candles import CANDLES_UPSERT, candle_row
+    from tcp.schemas import MAX_BIGINT, MAX_COUNT, MAX_SOURCE, MAX_TS_MS, decode_trade, encode
+
+    edge = {"inst_id": "BTC-USDT", "trade_id": MAX_BIGINT, "px": "1", "sz": "1", "side": "buy",
+            "ts": MAX_TS_MS - 1, "origin": "sim", "received_at": MAX_TS_MS - 1, "count": MAX_COUNT,
+            "source": MAX_SOURCE, "seq_id": -MAX_BIGINT - 1}  # fmt: skip
+    trade = decode_trade(encode(edge))
+    PostgresWriter(database, TRADES_UPSERT).write(trade_rows([trade]))
+    PostgresWriter(database, CANDLES_UPSERT).write([candle_row(c) for c in build_candles([trade], "1m")])
+    with psycopg.connect(database) as conn:
+        stored = conn.execute("SELECT trade_id, count, source, seq_id, received_at FROM trades").fetchone()
+        candle = conn.execute("SELECT trade_count, first_trade_id, last_trade_id FROM candles").fetchone()
+    assert stored == (
+        MAX_BIGINT,
+        MAX_COUNT,
+        MAX_SOURCE,
+        -MAX_BIGINT - 1,
+        datetime(2099, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+    )
+    assert candle == (MAX_COUNT, MAX_BIGINT, MAX_BIGINT)

@@ -265,6 +265,7 @@ def test_csv_with_reordered_columns_optional_count_and_bad_rows(tmp_path: Path) 
         f"{T0 + 7},buy,94000,btc-usdt,0.02,108,1",  # 11 bad instrument id
         f"{T0 + 8},buy,94000,BTC-USDT,0.02,109,0",  # 12 count 0
         f'{T0 + 9},buy,"94000.5",ETH-USDT,0.5,200,2',  # 13 quoted field
+        f"{T0 + 10},buy,94000,BTC-USDT,0.02,110,2147483648",  # 14 count beyond trades.count (integer)
     ]
     path = tmp_path / "BTC-USDT-trades.csv"
     path.write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
@@ -282,7 +283,7 @@ def test_csv_with_reordered_columns_optional_count_and_bad_rows(tmp_path: Path) 
     assert all(t.origin == "replay" for t in trades)
 
     dead = {d.where.rsplit(":", 1)[1]: d for d in dead_of(items)}
-    assert set(dead) == {"6", "7", "8", "9", "10", "11", "12"}
+    assert set(dead) == {"6", "7", "8", "9", "10", "11", "12", "14"}
     assert "side" in dead["6"].reason
     assert "created_time" in dead["7"].reason
     assert "px" in dead["8"].reason
@@ -290,9 +291,10 @@ def test_csv_with_reordered_columns_optional_count_and_bad_rows(tmp_path: Path) 
     assert "trade_id" in dead["10"].reason
     assert "inst_id" in dead["11"].reason
     assert "count" in dead["12"].reason
+    assert dead["14"].reason == "count: '2147483648' is not a positive integer (at most 2147483647)"
     assert dead["8"].raw == f"{T0 + 4},buy,abc,BTC-USDT,0.02,107,1"
     assert source.stats.trades == 4
-    assert source.stats.dead_letters == 7
+    assert source.stats.dead_letters == 8
 
 
 def test_csv_without_count_and_gzipped(tmp_path: Path) -> None:

@@ -39,6 +39,9 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 
 from tcp.schemas import (
+    MAX_BIGINT,
+    MAX_COUNT,
+    MAX_SOURCE,
     MAX_TS_MS,
     MIN_TS_MS,
     DeadLetter,
@@ -143,7 +146,9 @@ def _from_wire(wire: _WireTrade, origin: Origin, received_at: int) -> Trade | No
     )
     if trade_id is None or ts is None or count is None or source is None:
         return None
-    if not MIN_TS_MS <= ts < MAX_TS_MS or count < 1:
+    if not MIN_TS_MS <= ts < MAX_TS_MS or not 1 <= count <= MAX_COUNT or source > MAX_SOURCE:
+        return None
+    if wire.seq_id is not None and not -MAX_BIGINT - 1 <= wire.seq_id <= MAX_BIGINT:
         return None
     trade = Trade(
         inst_id=wire.inst_id,
