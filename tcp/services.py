@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -56,6 +57,7 @@ Service = Literal["kafka", "postgres", "redis"]
 SERVICES: tuple[Service, ...] = ("kafka", "postgres", "redis")
 
 _START_TIMEOUT_S = 30.0
+_STABLE_PORTS_FROM = 10_000  # the lowest port _stable_port chooses
 _EMBEDDED_PG_USER = "embedded_postgres"  # postgres refuses to run as root
 _PG_DATABASE = "tcp"
 
@@ -504,18 +506,61 @@ def _free_port() -> int:
 
 
 def _stable_port(directory: Path) -> int:
-    """The port this service had last time, if it is free, so its address survives a restart."""
+    """The port this service had last time, if it is free, so its address survives a restart.
+
+    The first time, a free port BELOW the kernel's ephemeral range: a port of that range can be
+    taken, while the service is stopped, as the local end of any outgoing connection, and the
+    service would come back on another port, out of reach of the clients that hold its address
+    (a running dataflow's DSN). Should the remembered port be taken all the same, the service
+    moves to another one, with a warning.
+    """
     remembered = directory / "port"
     try:
-        port = int(remembered.read_text())
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # Servers listen with SO_REUSEADDR: a port whose old connections sit in TIME_WAIT is free.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-    except (FileNotFoundError, ValueError, OSError):
-        port = _free_port()
+        port: int | None = int(remembered.read_text())
+    except (FileNotFoundError, ValueError):
+        port = None
+    if port is None or not _bindable(port):
+        if port is not None:
+            log.warning(
+                "port %d, where the service of %s listened before, is taken: it moves to another port; "
+                "restart the clients that hold its old address",
+                port,
+                directory,
+            )
+        port = _unused_port()
     remembered.write_text(str(port))
     return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Servers listen with SO_REUSEADDR: a port whose old connections sit in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux; else IANA's, which macOS uses)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
+def _unused_port() -> int:
+    """A free loopback port between 10000 and the ephemeral range, else any free port."""
+    top = _ephemeral_start()
+    if top - _STABLE_PORTS_FROM >= 1_000:
+        pick = random.SystemRandom()
+        for _ in range(100):
+            port = pick.randrange(_STABLE_PORTS_FROM, top)
+            if _bindable(port):
+                return port
+    return _free_port()
 
 
 def _spawn(argv: list[str], *, log_file: Path) -> int:

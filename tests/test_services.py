@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,27 @@ def test_unreachable_postgres_and_redis_fall_back_to_embedded(
         assert "secret" not in warnings  # the password is redacted
     finally:
         services.stop(settings)
+
+
+def test_a_stable_port_lies_below_the_ephemeral_range_and_moves_only_when_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL and Redis keep their port across restarts: running clients keep their address.
+    It is chosen below the ephemeral range, where no outgoing connection can take it while the
+    service is stopped (the PostgreSQL outage drill restarts it under running dataflows)."""
+    port = services._stable_port(tmp_path)
+    assert 10_000 <= port < services._ephemeral_start()
+    assert services._stable_port(tmp_path) == port
+    with socket.socket() as squatter:  # something else took it while the service was stopped
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        with caplog.at_level(logging.WARNING, logger="tcp.services"):
+            moved = services._stable_port(tmp_path)
+    assert (
+        moved != port
+        and f"port {port}, where the service of {tmp_path} listened before, is taken" in caplog.text
+    )
+    assert services._stable_port(tmp_path) == moved
 
 
 def test_redact_hides_passwords() -> None:
