@@ -9,11 +9,8 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from tcp.config import Settings
 
 
-def read_topic(
-    settings: Settings, name: str, *, expect: int | None = None, idle_s: float = 1.5, timeout_s: float = 30.0
-) -> list[Message]:
-    """All messages of the (prefixed) topic ``name``: with ``expect``, until that many are read (or
-    ``timeout_s`` passed); without, until none came for ``idle_s``."""
+def assigned_consumer(settings: Settings, name: str) -> Consumer:
+    """A consumer of every partition of the (prefixed) topic ``name``, from offset 0; close it."""
     topic = settings.topic(name)
     consumer = Consumer(
         {
@@ -23,9 +20,18 @@ def read_topic(
             "fetch.queue.backoff.ms": 10,
         }
     )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    return consumer
+
+
+def read_topic(
+    settings: Settings, name: str, *, expect: int | None = None, idle_s: float = 1.5, timeout_s: float = 30.0
+) -> list[Message]:
+    """All messages of the (prefixed) topic ``name``: with ``expect``, until that many are read (or
+    ``timeout_s`` passed); without, until none came for ``idle_s``."""
+    consumer = assigned_consumer(settings, name)
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         out: list[Message] = []
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()
