@@ -1,6 +1,11 @@
 """Fault drills (the deploy issue, section 4): small in the test suite, full size under
 ``make drill`` (tests/drill_util.py), each recording its figures for BENCHMARKS.md.
 
+1. PostgreSQL stopped for 30 s mid-run (small: 5 s): the candle and archive dataflows, running
+   as `tcp candles run` / `tcp archive run` against a PRIVATE embedded PostgreSQL while trades
+   stream in, hold their rows and retry while it is down, resume on their own when it is back
+   (on the same port: the dataflows keep their DSN), and PostgreSQL ends with exactly the
+   candles and trades of the batch build over the same trades.
 2. 1,000,000 malformed or hostile messages (small: 5,000) in okx.trades, among valid trades:
    `tcp candles run --exit-at-end` does not crash, the DLQ holds exactly one dead letter per
    malformed message (matched by the bytes kept in the letter), each with a reason, and the
@@ -11,10 +16,13 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import re
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ from confluent_kafka import Producer
 from pydantic import SecretStr
 
 from dataflows.build import build_candles
+from sinks.migrate import apply_migrations
 from tcp import services
 from tcp.config import Settings
 from tcp.schemas import DeadLetter, Trade, decode_dead_letter
@@ -33,17 +42,181 @@ from tests.fuzz_util import FuzzMessage, fuzz_messages
 from tests.kafka_util import assigned_consumer
 from tests.test_candles_recovery import (
     CANDLES_QUERY,
+    SPEED,
     TRADES_QUERY,
     _candle_tuple,
+    _env,
     _first_difference,
+    _price,
     _rows,
+    _Run,
     _run,
+    _size,
+    _stream,
     _trade_tuple,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.drill]
 
+OUTAGE_SEED = 20240613
 FUZZ_SEED = 20240612
+#: The outage drill's lateness (event time): the dataflows stall while PostgreSQL is down, and a
+#: stall advances the watermark by its wall-clock length; trades arrive at most 3 s out of order.
+OUTAGE_LATENESS_MS = 180_000
+_RETRY = re.compile(r"PostgreSQL write to (\w+) failed .*\((\d+) rows held\)")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. PostgreSQL stopped mid-run
+
+
+def _outage_trades(rng: random.Random, t0: int, span_ms: int) -> list[tuple[int, Trade]]:
+    """(event offset from t0 at which to send it, trade), in sending order: four instruments
+    trading all along, 30 % of the trades up to 3 s out of order, 1 % sent twice."""
+    rates = {"BTC-USDT": 1.4, "ETH-USDT": 1.0, "SOL-USDT": 0.7, "DOGE-USDT": 0.5}  # per event second
+    events = sorted(
+        (int(at), inst) for inst, rate in rates.items() for at in _poisson(rng, rate / 1000, span_ms)
+    )
+    ticks = dict.fromkeys(rates, 35_000)
+    out: list[tuple[int, Trade]] = []
+    for i, (at, inst) in enumerate(events):
+        ticks[inst] = max(1, ticks[inst] + rng.randint(-3, 3))
+        ts = t0 + at - (rng.randint(1, 3_000) if rng.random() < 0.3 else 0)
+        trade = Trade(inst_id=inst, trade_id=1_000_000 + i, px=_price(inst, ticks[inst]),
+                      sz=_size(rng.randint(1, 5 * 10**8)), side=rng.choice(("buy", "sell")), ts=ts,
+                      origin="sim", received_at=ts + 7, seq_id=i)  # fmt: skip
+        out.extend([(at, trade)] * (2 if rng.random() < 0.01 else 1))
+    return out
+
+
+def _poisson(rng: random.Random, rate_per_ms: float, span_ms: int) -> Iterator[float]:
+    at = rng.expovariate(rate_per_ms)
+    while at < span_ms:
+        yield at
+        at += rng.expovariate(rate_per_ms)
+
+
+def _count(dsn: str, table: str) -> int:
+    ((n,),) = _rows(dsn, f"SELECT count(*) FROM {table}")  # noqa: S608  # our own table names
+    return int(n)
+
+
+def _wait_for(check: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Until ``check()`` is true; fails after ``timeout_s``."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def _held(logs: Sequence[Path]) -> tuple[int, dict[str, int]]:
+    """The sinks' retry warnings in the logs: how many, and the most rows held per table."""
+    retries, held = 0, {}
+    for log in logs:
+        for table, rows in _RETRY.findall(log.read_text(errors="replace")):
+            retries += 1
+            held[table] = max(held.get(table, 0), int(rows))
+    return retries, held
+
+
+def _differences(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]], key: int) -> tuple[int, int]:
+    """(lost, extra) rows, matched on their first ``key`` columns: a row that differs is lost."""
+    got_by = {row[:key]: row for row in got}
+    want_by = {row[:key]: row for row in want}
+    lost = sum(got_by.get(k) != row for k, row in want_by.items())
+    return lost, len(got_by.keys() - want_by.keys()) + len(got) - len(got_by)
+
+
+@dataclass(frozen=True)
+class _Outage:
+    down_s: float  # from the stop until the server answered again
+    sent_while_down: int  # trades produced meanwhile (they wait in Kafka)
+    first_write_s: float  # the first candle written this long after the server was back
+
+
+def _stop_for(
+    pg_base: Settings, dsn: str, outage_s: float, runs: Sequence[_Run], sent_at: list[float]
+) -> _Outage:
+    """Stop the PostgreSQL of ``pg_base`` for ``outage_s``, checking that the dataflows stay up,
+    start it again (same address) and wait until they write again. ``sent_at``: when each trade
+    is produced (monotonic)."""
+    stopped = time.monotonic()
+    assert services.stop(pg_base, ("postgres",)) == ["postgres"]
+    while time.monotonic() - stopped < outage_s:
+        for run in runs:  # the sinks hold back and retry: nothing stops
+            assert run.proc.poll() is None, f"a dataflow stopped while PostgreSQL was down:\n{run.output()}"
+        time.sleep(0.2)
+    back = services.ensure(pg_base, ("postgres",)).postgres_dsn.get_secret_value()
+    answered = time.monotonic()
+    assert back == dsn, "PostgreSQL came back at another address: the dataflows' DSN is stale"
+    written = "SELECT extract(epoch FROM min(written_at) - pg_postmaster_start_time()) FROM candles "
+    written += "WHERE written_at >= pg_postmaster_start_time()"
+    _wait_for(lambda: _rows(dsn, written)[0][0] is not None, 60, "a candle written after the restart")
+    archived = _count(dsn, "trades")
+    _wait_for(lambda: _count(dsn, "trades") > archived, 60, "the archive to write again")
+    sent = sum(stopped <= at < answered for at in sent_at)
+    return _Outage(answered - stopped, sent, float(_rows(dsn, written)[0][0]))
+
+
+@pytest.mark.timeout(size(300, 900))
+def test_postgresql_stopped_mid_run_loses_and_duplicates_nothing(settings: Settings, tmp_path: Path) -> None:
+    outage_s = size(5, 30)
+    stream_s = outage_s + 15  # trades keep coming before, during and after the outage
+    t0 = int(time.time() // 3600 * 3600 * 1000) - 10 * 60_000  # crosses an hour boundary
+    trades = _outage_trades(random.Random(OUTAGE_SEED), t0, stream_s * SPEED * 1000)
+    # A private embedded PostgreSQL (postgres_dsn="": never the configured one), stopped at will.
+    pg_base = Settings.load(home=tmp_path / "pg", postgres_dsn=SecretStr(""))
+    dsn = services.ensure(pg_base, ("postgres",)).postgres_dsn.get_secret_value()
+    runs: list[_Run] = []
+    try:
+        apply_migrations(dsn)
+        env = _env(settings, tmp_path / "home", dsn, tmp_path / "recovery")
+        env["TCP_CANDLE_LATENESS_MS"] = str(OUTAGE_LATENESS_MS)
+        done, errors = threading.Event(), list[str]()
+        producer = threading.Thread(target=_stream, args=(settings, trades, done, errors), daemon=True)
+        runs = [_Run(env, tmp_path / "candles.log"), _Run(env, tmp_path / "archive.log", flow="archive")]
+        producer.start()
+        sent_at = [time.monotonic() + at / SPEED / 1000 for at, _ in trades]
+        _wait_for(lambda: _count(dsn, "trades") and _count(dsn, "candles"), 60, "the first rows")
+        outage = _stop_for(pg_base, dsn, outage_s, runs, sent_at)
+        assert not done.is_set(), "all trades were sent before PostgreSQL came back: the drill lost its point"
+        producer.join(stream_s + 30)
+        assert not errors, errors
+        time.sleep(2)  # let them catch up, then stop them as an operator would
+        for run in runs:
+            assert run.proc.poll() is None, f"a dataflow stopped:\n{run.output()}"
+            run.kill()
+        retries, held = _held([run.log for run in runs])
+        # The last runs resume from the recovery store, drain the topic and close every window.
+        runs = [_Run(env, tmp_path / "final.log", "--exit-at-end"),
+                _Run(env, tmp_path / "archive-final.log", "--exit-at-end", flow="archive")]  # fmt: skip
+        for run in runs:
+            assert run.wait(120) == 0, run.output()
+        got_trades, got_candles = _rows(dsn, TRADES_QUERY), _rows(dsn, CANDLES_QUERY)
+    finally:
+        for run in runs:
+            if run.proc.poll() is None:
+                run.kill()
+        services.stop(pg_base)
+
+    distinct = {(t.inst_id, t.trade_id): t for _, t in trades}
+    want_trades = sorted(map(_trade_tuple, distinct.values()))
+    want_candles = sorted(_candle_tuple(c) for c in build_candles(distinct.values(), settings.timeframes))
+    lost_t, extra_t = _differences(got_trades, want_trades, 2)
+    lost_c, extra_c = _differences(got_candles, want_candles, 3)
+    detail = (
+        f"down {outage.down_s:.0f} s, back on the same port, while {len(trades):,} trades streamed in {stream_s} s "
+        f"({outage.sent_while_down:,} during the outage: they waited in Kafka); both dataflows stayed up, "
+        f"their sinks holding their batch (up to {held.get('candles', 0):,} candle and {held.get('trades', 0):,} "
+        f"trade rows) through {retries} retries; first candle written {outage.first_write_s:.1f} s after the "
+        f"restart; {len(want_candles):,} candles and {len(want_trades):,} trades as the batch build and the input"
+    )
+    print(detail)
+    record("PostgreSQL stopped for 30 s mid-run", runs=1, compared=len(want_candles) + len(want_trades),
+           lost=lost_c + lost_t, duplicated=extra_c + extra_t, detail=detail)  # fmt: skip
+    assert got_trades == want_trades, _first_difference(got_trades, want_trades)
+    assert got_candles == want_candles, _first_difference(got_candles, want_candles)
+    assert held.get("candles") and held.get("trades"), "the sinks held nothing: the outage hit no write"
 
 
 # --------------------------------------------------------------------------------------------
