@@ -305,7 +305,12 @@ class Portfolio:
             close_text = fmt(price)
         texts = self._texts
         if texts is None:  # formatted once per fill, not once per candle
-            texts = self._texts = (fmt(self.cash), fmt(self.position), fmt(self.realized_pnl), fmt(self.fees_paid))
+            texts = self._texts = (
+                fmt(self.cash),
+                fmt(self.position),
+                fmt(self.realized_pnl),
+                fmt(self.fees_paid),
+            )
         cash, position, realized, fees = texts
         if self.position == 0:
             equity, unrealized = cash, "0"
@@ -392,7 +397,9 @@ def decode_fill(data: bytes | str) -> Fill:
     construction (``fmt``), so the check is made here, where strings come from outside."""
     fill = _fill_decoder.decode(data)
     _check_decoded(
-        fill, unsigned=("price", "size", "notional", "fee", "cash_after", "position_after"), signed=("realized_pnl",)
+        fill,
+        unsigned=("price", "size", "notional", "fee", "cash_after", "position_after"),
+        signed=("realized_pnl",),
     )
     return fill
 
@@ -401,7 +408,9 @@ def decode_mark(data: bytes | str) -> Mark:
     """A Mark from JSON, checked like :func:`decode_fill`."""
     mark = _mark_decoder.decode(data)
     _check_decoded(
-        mark, unsigned=("close", "cash", "position", "equity", "fees_paid"), signed=("unrealized_pnl", "realized_pnl")
+        mark,
+        unsigned=("close", "cash", "position", "equity", "fees_paid"),
+        signed=("unrealized_pnl", "realized_pnl"),
     )
     return mark
 

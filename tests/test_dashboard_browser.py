@@ -106,7 +106,9 @@ def test_the_chart_renders_and_a_new_candle_appears_live(
         waiting = len(_deep(browser, "div", "loading ..."))  # the tabs not built yet
         wait_for(f"the {title} tab", lambda t=title: _deep(browser, ".bk-tab", t), timeout=30)[0].click()
         # Built on first use: the tab's "loading ..." is replaced by the page.
-        wait_for(f"the {title} page", lambda w=waiting: len(_deep(browser, "div", "loading ...")) < w, timeout=30)
+        wait_for(
+            f"the {title} page", lambda w=waiting: len(_deep(browser, "div", "loading ...")) < w, timeout=30
+        )
         time.sleep(1.0)  # let the page draw before the picture
         shot(browser, title.lower().replace(" ", "-"))
 
