@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.report.exists()
         else []
     )
-    when = datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     took = f"; {(time.time() - args.started) / 60:.1f} min in all" if args.started else ""
     outcome = "all passed" if args.passed else "**SOME FAILED** (see the pytest output)"
     rows = [
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         size = "" if d["full"] else " (small: not TCP_DRILL=1)"
         rows.append(f"| {d['drill']}{size} | {d['runs']:,} | {d['compared']:,} | {d['lost']:,} | "
                     f"{d['duplicated']:,} | {d['detail']} |")  # fmt: skip
-    body = f"{NOTES}\n\nMachine: {machine()}; run {when}{took}; pytest: {outcome}.\n\n" + "\n".join(rows)
+    body = f"{NOTES}\n\nMachine: {machine()}{took}; pytest: {outcome}.\n\n" + "\n".join(rows)
     write_section(OUT, TITLE, body)
     print(body)
     print(f"written to {OUT} (section {TITLE!r})")
