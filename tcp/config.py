@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = ""
     postgres_dsn: SecretStr = SecretStr("")
     redis_url: SecretStr = SecretStr("")
+    # A configured PostgreSQL or Redis that does not answer at start-up: start an embedded one
+    # instead (true: a laptop), or stop with an error (false: deployments, where an embedded
+    # database inside a container would take writes that nobody ever reads).
+    embedded_fallback: bool = True
 
     # Kafka topics.
     topic_partitions: Annotated[int, Field(ge=1, le=1024)] = 6

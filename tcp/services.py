@@ -191,11 +191,23 @@ def _ensure_kafka(settings: Settings, home: Path) -> str:
 # PostgreSQL
 
 
+def _no_fallback(settings: Settings, service: str, address: str, variable: str) -> None:
+    """Raise when a configured service is down and ``embedded_fallback`` is off."""
+    if not settings.embedded_fallback:
+        raise ServiceError(
+            service=service,
+            address=redact(address),
+            problem="no answer within 5 s, and TCP_EMBEDDED_FALLBACK=false forbids an embedded one",
+            fix=f"start it or correct {variable} (a restart policy retries this command)",
+        )
+
+
 def _ensure_postgres(settings: Settings, home: Path) -> str:
     configured = settings.postgres_dsn.get_secret_value()
     if configured:
         if _reachable("postgres", configured):
             return configured
+        _no_fallback(settings, "PostgreSQL", configured, "TCP_POSTGRES_DSN")
         log.warning(
             "PostgreSQL at %s is not reachable: using the embedded server in %s instead",
             redact(configured),
@@ -366,6 +378,7 @@ def _ensure_redis(settings: Settings, home: Path) -> str:
     if configured:
         if _reachable("redis", configured):
             return configured
+        _no_fallback(settings, "Redis", configured, "TCP_REDIS_URL")
         log.warning("Redis at %s is not reachable: using an embedded server instead", redact(configured))
     state = _read_state(home, "redis")
     if state and pid_alive(state.get("pid")) and _reachable("redis", state["address"]):

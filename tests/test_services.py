@@ -113,6 +113,23 @@ def test_unreachable_postgres_and_redis_fall_back_to_embedded(
         services.stop(settings)
 
 
+def test_without_the_fallback_an_unreachable_database_is_an_error(tmp_path: Path) -> None:
+    """Deployments (compose, Kubernetes) set TCP_EMBEDDED_FALLBACK=false: a configured PostgreSQL
+    or Redis that does not answer stops the command with the address (password redacted) and
+    the fix, instead of starting an embedded server that would take the writes."""
+    for service, update in (
+        ("postgres", {"postgres_dsn": SecretStr("postgresql://app:secret@127.0.0.1:1/db")}),
+        ("redis", {"redis_url": SecretStr("redis://:secret@127.0.0.1:1/0")}),
+    ):
+        settings = Settings.load(home=tmp_path, kafka_bootstrap="", embedded_fallback=False, **update)
+        with pytest.raises(services.ServiceError) as err:
+            services.ensure(settings, (service,))  # type: ignore[arg-type]
+        text = str(err.value)
+        assert "127.0.0.1:1" in text and "TCP_EMBEDDED_FALLBACK=false" in text and "Fix:" in text
+        assert "secret" not in text
+        assert not (tmp_path / service).exists() or not any((tmp_path / service).iterdir())
+
+
 def test_a_stable_port_lies_below_the_ephemeral_range_and_moves_only_when_taken(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
