@@ -66,7 +66,8 @@ class KafkaProducer:
         self._fatal: KafkaError | None = None
         self.stats = DeliveryStats()
 
-    def produce(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+    def produce(self, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+        """Produce ``value`` (None: a tombstone) under ``key``; waits for room when the queue is full."""
         self.stats.produced += 1
         try:
             self._producer.produce(topic, value, key)  # fast path: room in the local queue
@@ -87,7 +88,7 @@ class KafkaProducer:
     def __len__(self) -> int:
         return len(self._producer)
 
-    def _produce(self, topic: str, value: bytes, key: bytes | None, attempt: int | None) -> None:
+    def _produce(self, topic: str, value: bytes | None, key: bytes | None, attempt: int | None) -> None:
         while True:
             try:
                 if attempt is None:  # the default delivery callback from the config
@@ -126,7 +127,7 @@ class KafkaProducer:
                 attempt,
                 self._max_attempts,
             )
-            self._produce(msg.topic() or "", msg.value() or b"", msg.key(), attempt + 1)
+            self._produce(msg.topic() or "", msg.value(), msg.key(), attempt + 1)
             return
         self.stats.failed += 1
         log.error(

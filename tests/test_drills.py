@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 from pydantic import SecretStr
 
 from dataflows.build import build_candles
+from sinks.kafka import KafkaProducer
 from sinks.migrate import apply_migrations
 from tcp import services
 from tcp.config import Settings
@@ -259,21 +259,16 @@ def _produce_fuzz(
 ) -> tuple[list[int], list[Trade], Counter[str]]:
     """Produce pre-encoded messages to okx.trades with delivery reports; returns the digests of
     the malformed values, the valid trades and how many messages of each kind were sent."""
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
+    producer = KafkaProducer(
+        settings.kafka_bootstrap,
+        client_id="fuzz",
+        config={
             "linger.ms": 20,
             "batch.size": 1_000_000,
             "queue.buffering.max.messages": 500_000,
-            "message.max.bytes": 2 * 1024 * 1024,  # the 1 MB values
-        }
+            "message.max.bytes": 2 * 1024 * 1024,
+        },  # fmt: skip  # the 1 MB values
     )
-    failed: list[Any] = []
-
-    def report(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failed.append(err)
-
     topic = settings.topic(TRADES)
     digests: list[int] = []
     valid: list[Trade] = []
@@ -284,16 +279,11 @@ def _produce_fuzz(
             digests.append(_digest(msg.value or b""))
         else:
             valid.append(msg.trade)
-        while True:
-            try:
-                producer.produce(topic, msg.value, msg.key, on_delivery=report)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        producer.produce(topic, msg.value, msg.key)
         if i % 5_000 == 0:
             producer.poll(0)
     remaining = producer.flush(300)
-    assert remaining == 0 and not failed, f"{remaining} undelivered, {len(failed)} failed: {failed[:3]}"
+    assert remaining == 0 and producer.stats.failed == 0, f"{remaining} undelivered, stats {producer.stats}"
     return digests, valid, kinds
 
 
