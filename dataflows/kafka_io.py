@@ -120,7 +120,7 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         offset: int,
         batch_size: int,
         topic_id: str | None,
-        check_topic: Callable[[], None] = lambda: None,
+        check_topic: Callable[[], None],
     ) -> None:
         self._topic, self._part, self._offset, self._batch_size = topic, part, offset, batch_size
         self._topic_id = topic_id
@@ -144,7 +144,7 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         if not msgs:
             self._awake = datetime.now(tz=UTC) + _IDLE_POLL  # nothing now: look again shortly
             if time.monotonic() >= self._lag_due:
-                self._report_lag()
+                self._every_few_seconds()
             return []
         failed = [msg for msg in msgs if msg.error() is not None]
         if failed:
@@ -158,16 +158,19 @@ class _BatchPartition(StatefulSourcePartition[MessageBatch, _Resume]):
         batch = MessageBatch(self._part, values, offsets)
         self._offset = batch.offsets[-1] + 1
         if time.monotonic() >= self._lag_due:
-            self._report_lag()
+            self._every_few_seconds()
         return [batch]
+
+    def _every_few_seconds(self) -> None:
+        """Check the topic is still the one this partition started on
+        (:meth:`KafkaBatchSource.check_topic`), then report the lag."""
+        self._lag_due = time.monotonic() + _LAG_EVERY_S
+        self._check_topic()
+        self._report_lag()
 
     def _report_lag(self) -> None:
         """``tcp_consumer_lag``: the partition's end (as of the last fetch: librdkafka's cached high
-        watermark, no broker round trip) minus the next offset to read. Every few seconds; and
-        the check that the topic is still the one this partition started on (see
-        :meth:`KafkaBatchSource.check_topic`)."""
-        self._lag_due = time.monotonic() + _LAG_EVERY_S
-        self._check_topic()
+        watermark, no broker round trip) minus the next offset to read."""
         _low, high = self._consumer.get_watermark_offsets(
             TopicPartition(self._topic, self._part), cached=True
         )
