@@ -29,6 +29,7 @@ from bokeh_app.bots_page import BotsPage
 from bokeh_app.context import AppContext
 from bokeh_app.health import HealthPage
 from bokeh_app.market import MarketPage
+from bokeh_app.page import PAGE
 from bokeh_app.performance import PerformancePage
 
 __all__ = ["PAGES", "Prefetch", "Session", "make_document"]
@@ -134,31 +135,48 @@ class Session:
 
 
 def make_document(ctx: AppContext, doc: Document) -> None:
-    """Build one session's document (Bokeh calls this for every new browser tab)."""
+    """Make one session's document (Bokeh calls this for every new browser tab).
+
+    On a server the pages are built on the next tick of the I/O loop, after the browser has its
+    HTML page: the page's scripts load while the server builds the charts (the browser pulls
+    the document once its scripts are loaded, by which time it is complete; were it earlier, the
+    pages would reach it as an update). Without a server (``Document()`` in a script) they are
+    built at once."""
     user = session_user(ctx.credentials, _cookies(doc))
     context = doc.session_context
     initial = None if context is None else ctx.prefetched.pop(context.id, None)
     if initial is None:  # no Prefetch handler (``bokeh serve bokeh_app``, tests): one quick query
         initial = Initial.read(ctx, candles=False)
-    instruments, problem = initial.instruments, initial.problem
-    session = Session(ctx, doc, user, instruments)
     who = (
         f"logged in as <b>{user}</b> (<a href='/logout'>log out</a>)"
         if user
         else "read-only (<a href='/login'>log in</a> for the controls)"
     )
-    header = Div(text=f"<b>TCP Dashboard</b> &nbsp; {who} {problem}", sizing_mode="stretch_width")
-    doc.add_root(column(header, session.tabs, sizing_mode="stretch_width"))
+    header = Div(text=f"<b>TCP Dashboard</b> &nbsp; {who} {initial.problem}", sizing_mode="stretch_width")
+    root = column(header, sizing_mode="stretch_width")
+    doc.add_root(root)
     doc.title = "TCP Dashboard"
-    if initial.rows is not None:
-        session.market.show(initial.rows)
-    else:
-        session.market.load()
-    session.market.load_bot_names()
-    ctx.pages[doc] = session
+    doc.template = PAGE  # Bokeh's page, with the bars outside the view left unpainted
+    sessions: list[Session] = []
+
+    def build() -> None:
+        session = Session(ctx, doc, user, initial.instruments)
+        sessions.append(session)
+        root.children = [header, session.tabs]
+        if initial.rows is not None:
+            session.market.show(initial.rows)
+        else:
+            session.market.load()
+        session.market.load_bot_names()
+        ctx.pages[doc] = session
 
     def closed(_context: object) -> None:
-        session.close()
+        for session in sessions:  # none when the tab closed before it was built
+            session.close()
         ctx.pages.pop(doc, None)
 
     doc.on_session_destroyed(closed)
+    if context is None:
+        build()
+    else:
+        doc.add_next_tick_callback(build)

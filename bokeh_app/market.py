@@ -150,7 +150,7 @@ class MarketPage:
         self.x_range = Range1d(start=0, end=1)
         tools = "xpan,xwheel_zoom,box_zoom,reset,save"
         self.price = figure(x_axis_type="datetime", x_range=self.x_range, height=380, tools=tools,
-                            active_scroll="xwheel_zoom", sizing_mode="stretch_width", title="")  # fmt: skip
+                            active_scroll="xwheel_zoom", sizing_mode="stretch_width", title="", name="price")  # fmt: skip
         bodies = []
         for src, alpha, name in ((self.source, 1.0, "candles"), (self.forming, 0.5, "forming")):
             self.price.segment("ts", "high", "ts", "low", color=_color(), source=src, alpha=alpha)
@@ -173,18 +173,18 @@ class MarketPage:
         self.price.add_tools(HoverTool(renderers=[self.candles], tooltips=[("close", "@ts{%F %T}"), ("o", "@open"),
                                        ("h", "@high"), ("l", "@low"), ("c", "@close"), ("v", "@volume")],
                                        formatters={"@ts": "datetime"}))  # fmt: skip
-        self.volume = self._pane("volume")
+        self.volume = self._pane("volume", "volume")
         self.volume.vbar("ts", 48_000, "volume", 0, source=self.source, color=_color(), alpha=0.6)
-        self.rsi = self._pane("RSI 14")
+        self.rsi = self._pane("RSI 14", "rsi")
         self.rsi.y_range = Range1d(start=0, end=100)
         self.rsi.line("ts", "rsi", source=self.source, color="#7b1fa2")
-        self.macd = self._pane("MACD 12/26/9")
+        self.macd = self._pane("MACD 12/26/9", "macd")
         self.macd.vbar("ts", 48_000, "macd_hist", 0, source=self.source, color="#90a4ae")
         self.macd.line("ts", "macd", source=self.source, color="#1976d2")
         self.macd.line("ts", "macd_signal", source=self.source, color="#f57c00")
 
-    def _pane(self, title: str) -> figure:
-        return figure(title=title, x_axis_type="datetime", x_range=self.x_range, height=130,
+    def _pane(self, title: str, name: str) -> figure:
+        return figure(title=title, name=name, x_axis_type="datetime", x_range=self.x_range, height=130,
                       tools="xpan,xwheel_zoom,box_zoom,reset,save", sizing_mode="stretch_width")  # fmt: skip
 
     def _show_overlays(self) -> None:
@@ -343,7 +343,10 @@ class MarketPage:
                 self._view_newest()
         elif kind == "live":
             if not len(self.forming.data["ts"]):
-                self.forming.data = {**_empty(), **{k: [v] for k, v in new.items()}}
+                self.forming.data = {
+                    **{k: [math.nan] for k in _INDICATORS},
+                    **{k: [v] for k, v in new.items()},
+                }
             else:
                 self.forming.patch({k: [(0, v)] for k, v in new.items()})
 

@@ -25,7 +25,7 @@ from bokeh_app.context import AppContext
 from dataflows.candle_core import encode_candle
 from tcp.config import Settings
 from tests.env_util import tcp_env
-from tests.test_dashboard import candle, dashboard
+from tests.test_dashboard import MINUTE, T0, candle, dashboard
 from tests.test_run import wait_for
 
 pytestmark = pytest.mark.services
@@ -191,3 +191,63 @@ def test_controls_need_a_login_and_stop_reaches_postgresql(
         flow.terminate()
         flow.wait(30)
         log.close()
+
+
+_PIXELS = """
+    // Per plot: the pixels of its frame in a candle's colour (#26a69a; every candle here closes
+    // up) and a hash of them all, but for the frame's outer 2 columns each side: BokehJS clamps
+    // bars beyond the frame to its edge and strokes them there, culled or not, as many as it is
+    // given.
+    const doc = Bokeh.documents[0];
+    return ['price', 'volume', 'rsi', 'macd'].map(name => {
+        const view = Bokeh.index.find_one(doc.get_model_by_name(name));
+        const canvas = view.canvas_view.primary.canvas, r = window.devicePixelRatio;
+        const {left, right, top, bottom} = view.frame.bbox;
+        const x0 = Math.ceil(left * r) + 2, x1 = Math.floor(right * r) - 2;
+        const y0 = Math.ceil(top * r), y1 = Math.floor(bottom * r);
+        const px = canvas.getContext('2d').getImageData(x0, y0, x1 - x0, y1 - y0).data;
+        let candle = 0, hash = 0;
+        for (let i = 0; i < px.length; i += 4) {
+            if (px[i] === 38 && px[i + 1] === 166 && px[i + 2] === 154) { candle++; }
+            hash = (hash * 31 + px[i] + 7 * px[i + 1] + 13 * px[i + 2] + 17 * px[i + 3]) | 0;
+        }
+        return [candle, hash];
+    });"""
+_FRAMES = "const done = arguments[0]; setTimeout(() => requestAnimationFrame(() => requestAnimationFrame(done)), 200);"
+_VIEWS = "[['lrtb', 'LRTBView'], ['segment', 'SegmentView']].map(([m, v]) => Bokeh.require('models/glyphs/' + m)[v])"
+_CULLED = f"return {_VIEWS}.map(view => view.prototype._tcp_culled === true);"
+_CULLING_OFF = f"window.__culling = {_VIEWS}.map(view => view.prototype._mask_data); {_VIEWS}.forEach(view => {{ delete view.prototype._mask_data; }});"
+_CULLING_ON = f"{_VIEWS}.forEach((view, i) => {{ view.prototype._mask_data = window.__culling[i]; }});"
+
+
+def _view(driver: Any, start: float, end: float) -> list[list[int]]:
+    """Set the chart's time range (as a pan does; via start + 1 ms, so it is always a change),
+    let BokehJS paint, and read the plots' pixels."""
+    for first in (start + 1, start):
+        js(driver, f"const x = Bokeh.documents[0].get_model_by_name('price').x_range; x.start = {first}; x.end = {end};")  # fmt: skip
+        driver.execute_async_script(_FRAMES)
+    return js(driver, _PIXELS)  # type: ignore[no-any-return]
+
+
+def test_bars_outside_the_view_are_skipped_and_those_in_it_drawn_as_without_culling(
+    browser: Any, dashboard: tuple[Settings, Any, AppContext]
+) -> None:
+    """bokeh_app/culling.js: BokehJS paints only the bars and wicks in view. Wherever the view
+    is, the plots' pixels are the same as BokehJS's own drawing of every bar."""
+    _, server, _ = dashboard
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    wait_for("the candlestick glyphs", lambda: candles_drawn(browser) == 300, timeout=30)
+    assert js(browser, _CULLED) == [True, True]  # the bar (LRTB) and segment views are patched
+    oldest, newest = T0 + MINUTE, T0 + 300 * MINUTE
+    windows = [(oldest - 5 * MINUTE, oldest + 60 * MINUTE), (newest - 120 * MINUTE, newest + 2 * MINUTE),
+               (oldest + 100 * MINUTE, oldest + 101 * MINUTE), (oldest - 90 * MINUTE, oldest - 30 * MINUTE)]  # fmt: skip
+    candle_pixels = []
+    for window in windows:
+        culled = _view(browser, *window)
+        js(browser, _CULLING_OFF)
+        whole = _view(browser, *window)
+        js(browser, _CULLING_ON)
+        assert culled == whole, window  # pixel for pixel, in every plot
+        candle_pixels.append(culled[0][0])  # the price chart's
+    assert all(n > 0 for n in candle_pixels[:3])  # the candles in view are drawn
+    assert candle_pixels[3] == 0  # an hour before the first candle: nothing
