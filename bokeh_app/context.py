@@ -36,6 +36,9 @@ class AppContext:
     pages: weakref.WeakKeyDictionary[Document, Any] = field(default_factory=weakref.WeakKeyDictionary)
     #: What bokeh_app.app.Prefetch read for a session about to be made, by session id.
     prefetched: dict[str, Any] = field(default_factory=dict)
+    #: The last history of each stream as chart columns (bokeh_app.market.chart_columns), for
+    #: the next session that shows the same rows.
+    history: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

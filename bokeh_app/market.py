@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -23,7 +25,17 @@ import numpy as np
 from bokeh import events
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, CustomJS, HoverTool, Range1d, VBar
+from bokeh.models import (
+    ColumnDataSource,
+    CustomJS,
+    DatetimeAxis,
+    DatetimeTicker,
+    DatetimeTickFormatter,
+    Grid,
+    HoverTool,
+    Range1d,
+    VBar,
+)
 from bokeh.models.widgets import Button, CheckboxGroup, Div, Select
 from bokeh.plotting import figure
 from bokeh.transform import linear_cmap
@@ -44,8 +56,8 @@ _OVERLAYS = ("EMA 12/26", "Bollinger 20/2")
 
 
 def _color() -> Any:
-    """Green when a candle closed at or above its open, red below (from the ``up`` column); a new
-    colour mapper per use: a Bokeh model belongs to one document."""
+    """Green when a candle closed at or above its open, red below (from the ``up`` column); one
+    per page: a Bokeh model belongs to one document."""
     return linear_cmap("up", ("#ef5350", "#26a69a"), 0.0, 1.0)
 
 
@@ -93,6 +105,50 @@ def candle_row(values: tuple[Any, ...]) -> dict[str, Any]:
     close is not below the open; the colour map turns it into green or red)."""
     ts, o, h, low, c, v = values
     return {"ts": ts, "open": o, "high": h, "low": low, "close": c, "volume": v, "up": 1.0 if c >= o else 0.0}
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    rows: list[tuple[Any, ...]]
+    arrays: dict[str, Any]
+    indicators: _Indicators
+
+
+#: Streams whose columns a server keeps (bokeh_app.context.AppContext.history), most recent last.
+HISTORIES_KEPT = 8
+
+
+def chart_columns(
+    history: dict[tuple[str, str], Any], stream: tuple[str, str], rows: list[tuple[Any, ...]]
+) -> tuple[dict[str, Any], _Indicators]:
+    """A stream's rows as the chart's columns, and its indicators after the last row (each session
+    continues its own copy with live candles).
+
+    Numbers are numpy arrays: Bokeh sends those as binary buffers, not a JSON number each;
+    float32 (7 significant digits, for drawing only) except the times (epoch ms need float64).
+    The columns of the last rows of each stream are kept in ``history`` (one dict per server):
+    the next session that reads the same rows gets the same arrays (read-only; Bokeh's
+    ``stream`` makes new ones) instead of computing them again."""
+    kept = history.pop(stream, None)
+    if kept is None or kept.rows != rows:
+        n = len(rows)
+        ts = np.fromiter((data.epoch_ms(r[0]) for r in rows), dtype=np.float64, count=n)
+        ohlcv = np.array([r[1:6] for r in rows], dtype=np.float64).reshape(n, 5)
+        arrays: dict[str, Any] = {"ts": ts}
+        for k, name in enumerate(("open", "high", "low", "close", "volume")):
+            arrays[name] = ohlcv[:, k].astype(np.float32)
+        arrays["up"] = (ohlcv[:, 3] >= ohlcv[:, 0]).astype(np.float32)
+        indicators = _Indicators()
+        values = [indicators.update(close) for close in ohlcv[:, 3].tolist()]
+        for name in _INDICATORS:
+            arrays[name] = np.fromiter((v[name] for v in values), dtype=np.float32, count=n)
+        for array in arrays.values():
+            array.flags.writeable = False
+        kept = _Columns(rows, arrays, indicators)
+    history[stream] = kept
+    while len(history) > HISTORIES_KEPT:
+        del history[next(iter(history))]
+    return dict(kept.arrays), copy.deepcopy(kept.indicators)
 
 
 class MarketPage:
@@ -148,23 +204,21 @@ class MarketPage:
     # ---- figures ------------------------------------------------------------------------
     def _build_figures(self) -> None:
         self.x_range = Range1d(start=0, end=1)
-        tools = "xpan,xwheel_zoom,box_zoom,reset,save"
-        self.price = figure(x_axis_type="datetime", x_range=self.x_range, height=380, tools=tools,
-                            active_scroll="xwheel_zoom", sizing_mode="stretch_width", title="", name="price")  # fmt: skip
+        # One time axis' ticker and formatter for the four figures (each of Bokeh's own is ~16 models).
+        self._ticker, self._formatter = DatetimeTicker(), DatetimeTickFormatter()
+        color = _color()
+        self.price = self._figure(title="", name="price", height=380, scroll="xwheel_zoom")
         bodies = []
         for src, alpha, name in ((self.source, 1.0, "candles"), (self.forming, 0.5, "forming")):
-            self.price.segment("ts", "high", "ts", "low", color=_color(), source=src, alpha=alpha)
-            bodies.append(self.price.vbar("ts", 48_000, "open", "close", fill_color=_color(), line_color=_color(),
+            self.price.segment("ts", "high", "ts", "low", color=color, source=src, alpha=alpha)
+            bodies.append(self.price.vbar("ts", 48_000, "open", "close", fill_color=color, line_color=color,
                                           source=src, alpha=alpha, name=name))  # fmt: skip
         self.candles = bodies[0]
         self.ema = [
             self.price.line("ts", "ema12", source=self.source, color="#ff9800", legend_label="EMA 12"),
             self.price.line("ts", "ema26", source=self.source, color="#3f51b5", legend_label="EMA 26"),
         ]
-        self.bb = [
-            self.price.line("ts", name, source=self.source, color="#9e9e9e", line_dash="dashed", legend_label="Bollinger")
-            for name in ("bb_upper", "bb_mid", "bb_lower")
-        ]  # fmt: skip
+        self.bb: list[Any] = []  # drawn the first time they are wanted: 3 lines of every candle
         self.price.scatter("ts", "price", source=self.buys, marker="triangle", size=11, color="#00c853",
                            legend_label="buy", name="buys")  # fmt: skip
         self.price.scatter("ts", "price", source=self.sells, marker="inverted_triangle", size=11, color="#d50000",
@@ -173,23 +227,34 @@ class MarketPage:
         self.price.add_tools(HoverTool(renderers=[self.candles], tooltips=[("close", "@ts{%F %T}"), ("o", "@open"),
                                        ("h", "@high"), ("l", "@low"), ("c", "@close"), ("v", "@volume")],
                                        formatters={"@ts": "datetime"}))  # fmt: skip
-        self.volume = self._pane("volume", "volume")
-        self.volume.vbar("ts", 48_000, "volume", 0, source=self.source, color=_color(), alpha=0.6)
-        self.rsi = self._pane("RSI 14", "rsi")
+        self.volume = self._figure(title="volume", name="volume")
+        self.volume.vbar("ts", 48_000, "volume", 0, source=self.source, color=color, alpha=0.6)
+        self.rsi = self._figure(title="RSI 14", name="rsi")
         self.rsi.y_range = Range1d(start=0, end=100)
         self.rsi.line("ts", "rsi", source=self.source, color="#7b1fa2")
-        self.macd = self._pane("MACD 12/26/9", "macd")
+        self.macd = self._figure(title="MACD 12/26/9", name="macd")
         self.macd.vbar("ts", 48_000, "macd_hist", 0, source=self.source, color="#90a4ae")
         self.macd.line("ts", "macd", source=self.source, color="#1976d2")
         self.macd.line("ts", "macd_signal", source=self.source, color="#f57c00")
 
-    def _pane(self, title: str, name: str) -> figure:
-        return figure(title=title, name=name, x_axis_type="datetime", x_range=self.x_range, height=130,
-                      tools="xpan,xwheel_zoom,box_zoom,reset,save", sizing_mode="stretch_width")  # fmt: skip
+    def _figure(self, *, title: str, name: str, height: int = 130, scroll: str = "auto") -> figure:
+        """A figure on the shared time range and time axis (130 px high: the panes below prices)."""
+        plot = figure(title=title, name=name, x_axis_type=None, x_range=self.x_range, height=height,
+                      tools="xpan,xwheel_zoom,box_zoom,reset,save", active_scroll=scroll,
+                      sizing_mode="stretch_width")  # fmt: skip
+        plot.add_layout(DatetimeAxis(ticker=self._ticker, formatter=self._formatter), "below")
+        plot.add_layout(Grid(dimension=0, ticker=self._ticker))
+        return plot
 
     def _show_overlays(self) -> None:
         for renderer in self.ema:
             renderer.visible = 0 in self.overlays.active
+        if 1 in self.overlays.active and not self.bb:
+            self.bb = [
+                self.price.line("ts", name, source=self.source, color="#9e9e9e", line_dash="dashed",
+                                legend_label="Bollinger")
+                for name in ("bb_upper", "bb_mid", "bb_lower")
+            ]  # fmt: skip
         for renderer in self.bb:
             renderer.visible = 1 in self.overlays.active
 
@@ -231,20 +296,7 @@ class MarketPage:
         if stream != self.stream():  # the user picked another stream meanwhile
             return
         self._set_widths()
-        self.indicators = _Indicators()
-        # Numbers as numpy arrays: Bokeh sends those as binary buffers, not a JSON number each;
-        # float32 (7 significant digits, for drawing only) except the times (epoch ms need float64).
-        n = len(rows)
-        ts = np.fromiter((data.epoch_ms(r[0]) for r in rows), dtype=np.float64, count=n)
-        ohlcv = np.array([r[1:6] for r in rows], dtype=np.float64).reshape(n, 5)
-        arrays: dict[str, Any] = {"ts": ts}
-        for k, name in enumerate(("open", "high", "low", "close", "volume")):
-            arrays[name] = ohlcv[:, k].astype(np.float32)
-        arrays["up"] = (ohlcv[:, 3] >= ohlcv[:, 0]).astype(np.float32)
-        update = self.indicators.update  # the streaming objects live updates continue from
-        values = [update(close) for close in ohlcv[:, 3].tolist()]
-        for name in _INDICATORS:
-            arrays[name] = np.fromiter((v[name] for v in values), dtype=np.float32, count=n)
+        arrays, self.indicators = chart_columns(self.ctx.history, stream, rows)
         self.source.data = arrays
         self.forming.data = _empty()
         self.status.text = f"{stream[0]} {stream[1]}: {len(rows):,} final candles" + (

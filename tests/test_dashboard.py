@@ -135,6 +135,36 @@ def test_history_then_live_candles_through_the_one_subscriber(
     assert market.x_range.end == end and not market.follow.disabled
 
 
+def test_sessions_share_the_history_columns_but_not_live_updates_or_overlays(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    s, server, ctx = dashboard
+    first, _ = open_session(server, ctx)
+    second, _ = open_session(server, ctx)
+    for page in (first, second):
+        wait_for("the history", lambda p=page: len(p.source.data["ts"]) == 300)
+    # The same rows: the second session got the first one's arrays (read-only), its own indicators.
+    assert first.source.data["close"] is second.source.data["close"]
+    assert not first.source.data["close"].flags.writeable
+    assert first.indicators is not second.indicators
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    final = b'{"kind":"final","candle":' + encode_candle(candle(301, "104")) + b"}"
+    wait_for("a subscriber", lambda: client.publish("market:BTC-USDT", final) > 0)
+    for page in (first, second):
+        wait_for("the live candle", lambda p=page: len(p.source.data["ts"]) == 301)
+        assert page.source.data["close"][-1] == 104.0
+        ema = (104 - 100.5) * 2 / 13 + 100.5  # each session continues its own EMA
+        assert page.source.data["ema12"][-1] == pytest.approx(ema)
+    assert len(ctx.history[("BTC-USDT", "1m")].arrays["ts"]) == 300  # the kept columns did not change
+
+    assert first.bb == [] and "Bollinger" not in [i.label.value for i in first.price.legend.items]
+    on_server(first, lambda: setattr(first.overlays, "active", [0, 1]))  # the user ticks "Bollinger 20/2"
+    assert len(first.bb) == 3 and all(r.visible for r in first.bb) and second.bb == []
+    assert "Bollinger" in [i.label.value for i in first.price.legend.items]
+    on_server(first, lambda: setattr(first.overlays, "active", [0]))
+    assert len(first.bb) == 3 and not any(r.visible for r in first.bb)
+
+
 def _commands(s: Settings, expect: int) -> list[Any]:
     return [decode_command(m.value()) for m in read_topic(s, topics.BOTS_COMMANDS, expect=expect, idle_s=1.5)]
 
