@@ -5,7 +5,8 @@ time its tab is chosen (a document with all five pages took about 1.4 s more to 
 candles: BENCHMARKS.md). Under ``tcp dashboard`` the first chart's candles are read before the
 document is made (:class:`Prefetch`, awaited by the server off its I/O loop), so the browser
 gets them with the document and draws the chart once, instead of drawing it empty and again
-when the rows arrive.
+when the rows arrive. The pages themselves are built just after the HTML page is sent
+(:func:`make_document`), while the browser loads BokehJS.
 """
 
 from __future__ import annotations
