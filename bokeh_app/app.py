@@ -120,7 +120,7 @@ class Session:
         return found
 
     def _bots_changed(self, names: list[str]) -> None:
-        self.market.set_bots(names)
+        self.market.load_marker_choices()
         if "Performance" in self.pages:
             self.pages["Performance"].refresh_choices(names)
 
@@ -168,7 +168,6 @@ def make_document(ctx: AppContext, doc: Document) -> None:
             session.market.show(initial.rows)
         else:
             session.market.load()
-        session.market.load_bot_names()
         ctx.pages[doc] = session
 
     def closed(_context: object) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import psycopg
@@ -32,10 +32,12 @@ __all__ = [
     "bot_run",
     "bots",
     "candle_rows",
+    "Markers",
     "check_bot_name",
-    "fills",
     "indicator_columns",
     "instruments",
+    "marker_choices",
+    "markers",
 ]
 
 #: The columns of a chart's candle source (times as datetimes for Bokeh, prices as floats for
@@ -75,21 +77,23 @@ def candle_rows(
     inst_id: str,
     timeframe: str,
     *,
+    start: datetime | None = None,
     end: datetime | None = None,
     limit: int = 2000,
     exact: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """The last ``limit`` final candles of a stream before ``end`` (default: all), oldest first:
-    (ts_close, open, high, low, close, volume) with floats, or with ``exact`` the stored text."""
+    """The last ``limit`` final candles of a stream in ``start <= ts_close < end`` (default: all),
+    oldest first: (ts_close, open, high, low, close, volume) with floats, or with ``exact`` the
+    stored text."""
     check_stream(inst_id, timeframe)
     kind = "text" if exact else "float8"
     query = (
         f"SELECT ts_close, open::{kind}, high::{kind}, low::{kind}, close::{kind}, volume::{kind} FROM candles "  # noqa: S608 - kind is one of two constants
-        "WHERE inst_id = %s AND timeframe = %s AND ts_close < %s ORDER BY ts_close DESC LIMIT %s"
+        "WHERE inst_id = %s AND timeframe = %s AND ts_close >= %s AND ts_close < %s ORDER BY ts_close DESC LIMIT %s"
     )
-    bound = end or datetime(9999, 1, 1, tzinfo=UTC)
+    low, high = start or _EPOCH, end or datetime(9999, 1, 1, tzinfo=UTC)
     with psycopg.connect(dsn, connect_timeout=5) as conn:
-        rows = conn.execute(query, (inst_id, timeframe, bound, limit)).fetchall()
+        rows = conn.execute(query, (inst_id, timeframe, low, high, limit)).fetchall()
     rows.reverse()
     return rows
 
@@ -120,14 +124,89 @@ def indicator_columns(closes: list[float]) -> dict[str, list[float]]:
     return {k: _series(v) for k, v in out.items()}
 
 
-def fills(dsn: str, bot: str, *, start: datetime, end: datetime) -> list[tuple[datetime, str, float]]:
-    """A bot's fills in ``start <= ts < end``: (ts, side, price as float for drawing)."""
-    check_bot_name(bot)
+_HASH = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Markers:
+    """Whose buy and sell markers a chart shows: a bot's fills or a strategy's signals (one
+    strategy with one set of params, named by its ``params_hash``)."""
+
+    kind: Literal["bot", "strategy"]
+    name: str
+    params_hash: str = ""
+
+    @property
+    def value(self) -> str:
+        """The choice as a Select value: ``bot:NAME`` or ``strategy:NAME:HASH``."""
+        return f"bot:{self.name}" if self.kind == "bot" else f"strategy:{self.name}:{self.params_hash}"
+
+    @property
+    def label(self) -> str:
+        return (
+            f"fills of bot {self.name}"
+            if self.kind == "bot"
+            else f"signals of {self.name} ({self.params_hash[:8]})"
+        )
+
+    @classmethod
+    def parse(cls, value: str) -> Markers | None:
+        """A Select value from the page, checked (``ValueError``); ``""`` is none."""
+        if not value:
+            return None
+        kind, _, rest = value.partition(":")
+        if kind == "bot":
+            return cls("bot", check_bot_name(rest))
+        name, _, digest = rest.partition(":")
+        if kind == "strategy" and _NAME.match(name) and _HASH.match(digest):
+            return cls("strategy", name, digest)
+        msg = f"not a marker choice (bot:NAME or strategy:NAME:HASH): {value!r}"
+        raise ValueError(msg)
+
+
+def marker_choices(dsn: str, inst_id: str, timeframe: str, bots: list[BotRow]) -> list[Markers]:
+    """What a chart of this stream can mark: the bots trading it, and every strategy (with its
+    params) that signalled on it."""
+    check_stream(inst_id, timeframe)
     with psycopg.connect(dsn, connect_timeout=5) as conn:
-        return conn.execute(
-            "SELECT ts, side, price::float8 FROM bot_trades WHERE bot = %s AND ts >= %s AND ts < %s ORDER BY ts",
-            (bot, start, end),
+        found = conn.execute(
+            "SELECT DISTINCT strategy, params_hash FROM signals WHERE inst_id = %s AND timeframe = %s "
+            "ORDER BY 1, 2 LIMIT 100",
+            (inst_id, timeframe),
         ).fetchall()
+    on_stream = sorted(b.name for b in bots if (b.inst_id, b.timeframe) == (inst_id, timeframe))
+    return [Markers("bot", n) for n in on_stream] + [Markers("strategy", s, h) for s, h in found]
+
+
+def markers(
+    dsn: str,
+    chosen: Markers,
+    inst_id: str,
+    timeframe: str,
+    *,
+    start: datetime,
+    end: datetime,
+    exact: bool = False,
+) -> list[tuple[datetime, str, Any]]:
+    """The buys and sells of ``chosen`` on the stream in ``start <= ts < end``: (the candle's
+    close time, ``buy`` or ``sell``, the price: a fill's price, a signal's close; a float for
+    drawing, or with ``exact`` the stored text)."""
+    check_stream(inst_id, timeframe)
+    kind = "text" if exact else "float8"
+    if chosen.kind == "bot":
+        query = (
+            f"SELECT ts, side, price::{kind} FROM bot_trades WHERE bot = %s AND inst_id = %s AND timeframe = %s "  # noqa: S608 - kind is one of two constants
+            "AND ts >= %s AND ts < %s ORDER BY ts"
+        )
+        args: tuple[Any, ...] = (chosen.name, inst_id, timeframe, start, end)
+    else:
+        query = (
+            f"SELECT ts_close, action, price::{kind} FROM signals WHERE strategy = %s AND params_hash = %s "  # noqa: S608 - kind is one of two constants
+            "AND inst_id = %s AND timeframe = %s AND ts_close >= %s AND ts_close < %s ORDER BY ts_close"
+        )
+        args = (chosen.name, chosen.params_hash, inst_id, timeframe, start, end)
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        return conn.execute(query, args).fetchall()
 
 
 @dataclass(frozen=True, slots=True)

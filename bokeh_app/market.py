@@ -36,7 +36,7 @@ from bokeh.models import (
     Range1d,
     VBar,
 )
-from bokeh.models.widgets import Button, CheckboxGroup, Div, Select
+from bokeh.models.widgets import Button, CheckboxGroup, DatetimeRangePicker, Div, Select
 from bokeh.plotting import figure
 from bokeh.transform import linear_cmap
 
@@ -53,6 +53,7 @@ IN_VIEW = 120
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INDICATORS = ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower", "rsi", "macd", "macd_signal", "macd_hist")
 _OVERLAYS = ("EMA 12/26", "Bollinger 20/2")
+_NO_MARKERS: list[str | tuple[Any, str]] = [("", "none")]
 
 
 def _color() -> Any:
@@ -175,22 +176,30 @@ class MarketPage:
             title="Timeframe", value=timeframes[0], options=choices(timeframes), width=100, name="timeframe"
         )
         self.overlays = CheckboxGroup(labels=list(_OVERLAYS), active=[0])
-        self.bot = Select(title="Fills of bot", value="", options=choices([""]), width=160)
+        self.markers = Select(
+            title="Buy/sell markers", value="", options=_NO_MARKERS, width=220, name="markers"
+        )
+        self._chosen: data.Markers | None = None
+        self._choices_for: tuple[str, str] = ("", "")
         self.follow = Button(label="Follow live", button_type="success", width=110, disabled=True)
         self.older = Button(label="Load older", width=100)
         self.csv = Button(label="Export CSV", width=100)
         self.json = Button(label="Export JSON", width=100)
+        self.range = DatetimeRangePicker(title="Date range (UTC)", width=300, name="range")
+        self._picked: tuple[float, float] | None = None  # the range picked (epoch ms), in history mode
         self.status = Div(text="", width=500)
         self._build_figures()
         self.layout = column(
-            row(self.instrument, self.timeframe, self.bot, self.overlays, self.follow, self.older, self.csv, self.json),
+            row(self.instrument, self.timeframe, self.markers, self.overlays, self.range, self.follow, self.older,
+                self.csv, self.json),
             self.status, self.price, self.volume, self.rsi, self.macd,
             sizing_mode="stretch_width",
         )  # fmt: skip
-        self.instrument.on_change("value", lambda _a, _o, _n: self.load())
-        self.timeframe.on_change("value", lambda _a, _o, _n: self.load())
-        self.bot.on_change("value", lambda _a, _o, _n: self.load_fills())
+        self.instrument.on_change("value", lambda _a, _o, _n: self._reload())
+        self.timeframe.on_change("value", lambda _a, _o, _n: self._reload())
+        self.markers.on_change("value", lambda _a, _o, _n: self.load_markers())
         self.overlays.on_change("active", lambda _a, _o, _n: self._show_overlays())
+        self.range.on_change("value", lambda _a, _o, new: self.pick_range(new))
         self.follow.on_click(self.go_live)
         self.older.on_click(self.load_older)
         self.csv.on_click(lambda: self.export("csv"))
@@ -198,7 +207,8 @@ class MarketPage:
         for plot in (self.price, self.volume, self.rsi, self.macd):
             plot.on_event(events.PanEnd, self._user_moved)
             plot.on_event(events.MouseWheel, self._user_moved)
-        self._stop_listening = ctx.hub.listen("market:*", self._on_market)
+        stops = [ctx.hub.listen("market:*", self._on_market), ctx.hub.listen("signals:*", self._on_signals)]
+        self._stop_listening = lambda: [stop() for stop in stops]
         self._show_overlays()
 
     # ---- figures ------------------------------------------------------------------------
@@ -274,16 +284,25 @@ class MarketPage:
 
         return parse_timeframe(self.timeframe.value) * 0.8
 
-    def load(self, *, end: datetime | None = None) -> None:
-        """Load the stream's last ``dashboard_candles`` candles (before ``end``), on a worker thread."""
+    def load(self, *, start: datetime | None = None, end: datetime | None = None) -> None:
+        """Load the stream's last ``dashboard_candles`` candles in ``start <= ts_close < end``
+        (default: all), on a worker thread."""
         inst_id, timeframe = self.stream()
         if not inst_id:
             self.status.text = "No candles yet: run the candle dataflow (tcp run, make demo)."
             return
         self.status.text = f"loading {inst_id} {timeframe} ..."
-        dsn = self.ctx.dsn
-        in_background(self.ctx, self.doc, lambda: data.candle_rows(dsn, inst_id, timeframe, end=end, limit=self.history),
+        dsn, limit = self.ctx.dsn, self.history
+        in_background(self.ctx, self.doc, lambda: data.candle_rows(dsn, inst_id, timeframe, start=start, end=end,
+                                                                   limit=limit),
                       lambda rows: self._loaded((inst_id, timeframe), rows), self._failed)  # fmt: skip
+
+    def _reload(self) -> None:
+        """Another stream: the same range picked, if one is; else its newest candles."""
+        if self._picked is None:
+            self.load()
+        else:
+            self.load(start=_as_utc(self._picked[0]), end=_as_utc(self._picked[1]))
 
     def show(self, rows: list[tuple[Any, ...]]) -> None:
         """Show rows already read for the current stream (a new session's first chart)."""
@@ -304,11 +323,18 @@ class MarketPage:
         )
         if self.following:
             self._view_newest()
-        self.load_fills()
+        elif self._picked is not None:
+            self.x_range.start, self.x_range.end = self._picked
+            if len(rows) == self.history:
+                self.status.text += f" (the last {self.history:,} of the range picked)"
+        if self._choices_for != stream:
+            self.load_marker_choices()
+        self.load_markers()
 
     def load_older(self) -> None:
         """History mode: load the candles before the first one shown."""
         self._history_mode()
+        self._picked = None
         ts = self.source.data["ts"]
         if len(ts):
             self.load(end=_EPOCH + timedelta(milliseconds=float(ts[0])))
@@ -331,36 +357,106 @@ class MarketPage:
             self.follow.disabled = False
             self.status.text += " | history mode: live updates do not move the view"
 
+    def pick_range(self, value: Any) -> None:
+        """History mode on the candles of a picked date range (both ends, UTC)."""
+        if not value or value[0] is None or value[1] is None:
+            return
+        try:
+            start, end = sorted(_as_utc(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            self._failed(exc)
+            return
+        self._history_mode()
+        self._picked = (_ms(start), _ms(end))
+        self.load(start=start, end=end)
+
     def go_live(self) -> None:
         self.following = True
         self.follow.disabled = True
+        self._picked = None
+        self.range.value = None
         self.load()
 
-    # ---- fills --------------------------------------------------------------------------
-    def set_bots(self, names: list[str]) -> None:
-        self.bot.options = choices(["", *names])
+    # ---- buy/sell markers ---------------------------------------------------------------
+    def load_marker_choices(self) -> None:
+        """The bots trading the shown stream and the strategies that signalled on it (the bots
+        list every session shares, refreshed every few seconds)."""
+        ctx, dsn, stream = self.ctx, self.ctx.dsn, self.stream()
+        if not stream[0]:
+            return
 
-    def load_bot_names(self) -> None:
-        """The bots for "Fills of bot" (the list every session shares, refreshed every few seconds)."""
-        ctx, dsn = self.ctx, self.ctx.dsn
-        in_background(ctx, self.doc, lambda: [b.name for b in ctx.shared("bots", 2.5, lambda: data.bots(dsn))],
-                      self.set_bots, self._failed)  # fmt: skip
+        def work() -> list[data.Markers]:
+            bots = ctx.shared("bots", 2.5, lambda: data.bots(dsn))
+            return data.marker_choices(dsn, *stream, bots)
 
-    def load_fills(self) -> None:
-        bot = self.bot.value
-        ts = self.source.data["ts"]
-        if not bot or not len(ts):
+        in_background(
+            ctx, self.doc, work, lambda found: self._set_marker_choices(stream, found), self._failed
+        )
+
+    def _set_marker_choices(self, stream: tuple[str, str], found: list[data.Markers]) -> None:
+        if stream != self.stream():
+            return
+        self._choices_for = stream
+        options = [*_NO_MARKERS, *((m.value, m.label) for m in found)]
+        self.markers.options = options
+        if self.markers.value not in {"", *(m.value for m in found)}:
+            self.markers.value = ""  # the chosen bot or strategy is not on this stream
+
+    def load_markers(self) -> None:
+        """The chosen bot's fills or strategy's signals over the candles shown (and a day either side)."""
+        try:
+            self._chosen = data.Markers.parse(self.markers.value)
+        except ValueError as exc:  # not one of the options the server made: refused
+            self._chosen = None
+            self._failed(exc)
+        ts, chosen, stream = self.source.data["ts"], self._chosen, self.stream()
+        if chosen is None or not len(ts):
             self.buys.data, self.sells.data = {"ts": [], "price": []}, {"ts": [], "price": []}
             return
         first, last = (_EPOCH + timedelta(milliseconds=float(t)) for t in (ts[0], ts[-1]))
         dsn, start, end = self.ctx.dsn, first - timedelta(days=1), last + timedelta(days=1)
-        in_background(self.ctx, self.doc, lambda: data.fills(dsn, bot, start=start, end=end), self._fills,
-                      self._failed)  # fmt: skip
+        in_background(self.ctx, self.doc, lambda: data.markers(dsn, chosen, *stream, start=start, end=end),
+                      lambda rows: self._show_markers(chosen, rows), self._failed)  # fmt: skip
 
-    def _fills(self, rows: list[tuple[datetime, str, float]]) -> None:
+    def _show_markers(self, chosen: data.Markers, rows: list[tuple[datetime, str, float]]) -> None:
+        if chosen != self._chosen:  # another choice meanwhile
+            return
         for side, source in (("buy", self.buys), ("sell", self.sells)):
             picked = [r for r in rows if r[1] == side]
             source.data = {"ts": [data.epoch_ms(r[0]) for r in picked], "price": [r[2] for r in picked]}
+
+    def _on_signals(self, channel: str, message: bytes) -> None:
+        """The hub's thread: a bot's signal or fill (``signals:{bot}``), handed over when markers are shown."""
+        if self._chosen is not None:
+            self.doc.add_next_tick_callback(lambda: self.apply_marker(channel, message))
+
+    def apply_marker(self, channel: str, message: bytes) -> None:
+        """A live fill of the chosen bot, or signal of the chosen strategy on the shown stream, as a marker."""
+        chosen, stream = self._chosen, self.stream()
+        if chosen is None:
+            return
+        try:
+            parsed = json.loads(message)
+            if chosen.kind == "bot" and parsed["kind"] == "fill" and channel == f"signals:{chosen.name}":
+                if self._choices_for != stream:  # the bot list is not yet the shown stream's
+                    return
+                fill = parsed["fill"]
+                ts, side, price = float(fill["ts"]), fill["side"], float(fill["price"])
+            elif chosen.kind == "strategy" and parsed["kind"] == "signal":
+                signal = parsed["signal"]
+                if (signal["strategy"], signal["params_hash"], signal["inst_id"], signal["timeframe"]) != (
+                    chosen.name, chosen.params_hash, *stream,
+                ):  # fmt: skip
+                    return
+                ts, side, price = float(signal["ts_close"]), signal["action"], float(signal["price"])
+            else:
+                return
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("dashboard: a signals message that is not a signal or fill: %s", exc)
+            return
+        source = {"buy": self.buys, "sell": self.sells}.get(side)
+        if source is not None and ts not in source.data["ts"]:  # every bot of a strategy sends its signals
+            source.stream({"ts": [ts], "price": [price]})
 
     # ---- live ---------------------------------------------------------------------------
     def _on_market(self, channel: str, message: bytes) -> None:
@@ -404,41 +500,61 @@ class MarketPage:
 
     # ---- export -------------------------------------------------------------------------
     def export(self, fmt: str) -> None:
-        """The candles in view, exact, as a CSV or JSON download."""
+        """The candles in view and the buy/sell markers shown on them, exact (as stored), as a
+        CSV or JSON download. CSV: one line per candle, with ``marker`` (buy, sell or empty) and
+        ``marker_price``; JSON: the candles, and the markers with whose they are."""
         inst_id, timeframe = self.stream()
-        start, end = _ms(self.x_range.start), _ms(self.x_range.end)
         if not inst_id or not len(self.source.data["ts"]):
             return
-        lo = _EPOCH + timedelta(milliseconds=start)
-        hi = _EPOCH + timedelta(milliseconds=end)
-        dsn = self.ctx.dsn
+        lo = _EPOCH + timedelta(milliseconds=_ms(self.x_range.start))
+        hi = _EPOCH + timedelta(milliseconds=_ms(self.x_range.end))
+        dsn, chosen, limit = self.ctx.dsn, self._chosen, self.history * 5
 
-        def work() -> list[tuple[Any, ...]]:
-            rows = data.candle_rows(dsn, inst_id, timeframe, end=hi, limit=self.history * 5, exact=True)
-            return [r for r in rows if r[0] >= lo]
+        def work() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            rows = data.candle_rows(dsn, inst_id, timeframe, start=lo, end=hi, limit=limit, exact=True)
+            marks = (
+                []
+                if chosen is None
+                else data.markers(dsn, chosen, inst_id, timeframe, start=lo, end=hi, exact=True)
+            )
+            return rows, marks
 
-        def done(rows: list[tuple[Any, ...]]) -> None:
+        def done(found: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]) -> None:
+            rows, marks = found
             fields = data.CANDLE_FIELDS
             records = [dict(zip(fields, (r[0].isoformat(), *r[1:]), strict=True)) for r in rows]
+            marked = [{"ts": ts.isoformat(), "side": side, "price": price} for ts, side, price in marks]
             if fmt == "csv":
-                text = (
-                    ",".join(fields)
-                    + "\n"
-                    + "".join(",".join(str(r[f]) for f in fields) + "\n" for r in records)
-                )
-                mime = "text/csv"
+                at = {m["ts"]: m for m in marked}
+                lines = [",".join((*fields, "marker", "marker_price"))]
+                for r in records:
+                    m = at.get(r["ts"], {})
+                    lines.append(
+                        ",".join((*(str(r[f]) for f in fields), m.get("side", ""), m.get("price", "")))
+                    )
+                text, mime = "\n".join(lines) + "\n", "text/csv"
             else:
-                text, mime = (
-                    json.dumps({"inst_id": inst_id, "timeframe": timeframe, "candles": records}),
-                    "application/json",
-                )
+                body = {"inst_id": inst_id, "timeframe": timeframe, "candles": records,
+                        "markers": {"of": "" if chosen is None else chosen.label, "rows": marked}}  # fmt: skip
+                text, mime = json.dumps(body), "application/json"
             self.download.data = {"text": [text], "mime": [mime], "name": [f"{inst_id}-{timeframe}.{fmt}"]}
-            self.status.text = f"exported {len(records):,} candles ({fmt})"
+            self.status.text = f"exported {len(records):,} candles and {len(marked):,} markers ({fmt})"
 
         in_background(self.ctx, self.doc, work, done, self._failed)
 
     def close(self) -> None:
         self._stop_listening()
+
+
+def _as_utc(value: Any) -> datetime:
+    """A picker's end (epoch ms, an ISO text, or a naive datetime: all UTC) as an aware datetime."""
+    if isinstance(value, int | float):
+        return _EPOCH + timedelta(milliseconds=value)
+    found = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if not isinstance(found, datetime):
+        msg = f"not a date and time: {value!r}"
+        raise TypeError(msg)
+    return found.replace(tzinfo=UTC) if found.tzinfo is None else found.astimezone(UTC)
 
 
 def _ms(value: Any) -> float:

@@ -5,6 +5,7 @@ websocket origin allow-list. (Real-browser tests: tests/test_dashboard_browser.p
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from http.cookiejar import CookieJar
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from pydantic import SecretStr
@@ -28,10 +30,12 @@ from bokeh_app.server import make_server
 from bots.bot import Bot, encode_status
 from bots.config import BotConfig
 from bots.lifecycle import decode_command
-from dataflows.bots import BOTS_UPSERT, status_row
+from bots.portfolio import Fill
+from dataflows.bots import BOT_TRADES_UPSERT, BOTS_UPSERT, SIGNALS_UPSERT, fill_row, signal_row, status_row
 from dataflows.candle_core import Candle, encode_candle
 from dataflows.candles import CANDLES_UPSERT, candle_row
 from sinks.postgres import PostgresWriter
+from strategies.base import Signal, encode_signal
 from tcp import topics
 from tcp.config import Settings
 from tests.kafka_util import read_topic
@@ -163,6 +167,114 @@ def test_sessions_share_the_history_columns_but_not_live_updates_or_overlays(
     assert "Bollinger" in [i.label.value for i in first.price.legend.items]
     on_server(first, lambda: setattr(first.overlays, "active", [0]))
     assert len(first.bb) == 3 and not any(r.visible for r in first.bb)
+
+
+def _signal(i: int, action: str, *, inst_id: str = "BTC-USDT", digest: str = "0123456789abcdef") -> Signal:
+    return Signal("ema_crossover", digest, inst_id, "1m", T0 + i * MINUTE, action, "100.5", {}, "a test")  # type: ignore[arg-type]
+
+
+def _fill(seq: int, i: int, side: str) -> Fill:
+    return Fill("b1", seq, T0 + i * MINUTE, side, "100.6", "1", "100.6", "0.1", "9899.3", "1", "0")  # type: ignore[arg-type]
+
+
+def test_buy_and_sell_markers_of_a_bot_or_a_strategy_history_then_live(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    s, server, ctx = dashboard
+    dsn = s.postgres_dsn.get_secret_value()
+    for upsert, rows in ((SIGNALS_UPSERT, [signal_row(_signal(10, "buy")), signal_row(_signal(40, "sell")),
+                                           signal_row(_signal(50, "buy", inst_id="ETH-USDT"))]),
+                         (BOT_TRADES_UPSERT, [fill_row(_fill(1, 20, "buy"), "BTC-USDT", "1m")])):  # fmt: skip
+        writer = PostgresWriter(dsn, upsert)
+        writer.write(rows)
+        writer.close()
+    market, _ = open_session(server, ctx)
+    bot, strategy = "bot:b1", "strategy:ema_crossover:0123456789abcdef"
+    wait_for("the marker choices", lambda: [v for v, _ in market.markers.options] == ["", bot, strategy])
+    wait_for("the history", lambda: len(market.source.data["ts"]) == 300)
+
+    on_server(market, lambda: setattr(market.markers, "value", bot))
+    wait_for("the bot's fills", lambda: market.buys.data["ts"] == [T0 + 20 * MINUTE])
+    assert market.buys.data["price"] == [100.6] and market.sells.data["ts"] == []
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    fill = b'{"kind":"fill","fill":' + msgspec.json.encode(_fill(2, 301, "sell")) + b"}"
+    wait_for("a subscriber", lambda: client.publish("signals:b1", fill) > 0)
+    wait_for("the live fill", lambda: market.sells.data["ts"] == [T0 + 301 * MINUTE])
+    client.publish("signals:b2", b'{"kind":"fill","fill":' + msgspec.json.encode(_fill(3, 302, "buy")) + b"}")
+
+    on_server(market, lambda: setattr(market.markers, "value", strategy))
+    wait_for("the strategy's signals", lambda: market.buys.data["ts"] == [T0 + 10 * MINUTE])
+    assert market.sells.data["ts"] == [T0 + 40 * MINUTE]  # ETH-USDT's signal is not on this chart
+    for signal in (
+        _signal(303, "buy", inst_id="ETH-USDT"),
+        _signal(304, "buy", digest="f" * 16),
+        _signal(305, "buy"),
+    ):
+        client.publish("signals:b1", b'{"kind":"signal","signal":' + encode_signal(signal) + b"}")
+    client.publish("signals:b1", b"not json")
+    wait_for("the live signal", lambda: market.buys.data["ts"] == [T0 + 10 * MINUTE, T0 + 305 * MINUTE])
+    time.sleep(0.5)
+    assert market.buys.data["ts"] == [T0 + 10 * MINUTE, T0 + 305 * MINUTE]  # other streams and params: none
+
+    on_server(
+        market, lambda: setattr(market.markers, "value", "bot:x'; DROP TABLE bots; --")
+    )  # a forged value
+    assert market._chosen is None and market.buys.data["ts"] == [] and "error" in market.status.text
+    on_server(market, lambda: setattr(market.markers, "value", ""))
+    assert market.buys.data["ts"] == [] and market.sells.data["ts"] == []
+
+    # Export: the candles in view and the markers on them, as stored (exact text).
+    on_server(market, lambda: setattr(market.markers, "value", bot))
+    wait_for("the bot's fills", lambda: market.buys.data["ts"] == [T0 + 20 * MINUTE])
+    on_server(
+        market,
+        lambda: (
+            setattr(market.x_range, "start", T0 + 18 * MINUTE),
+            setattr(market.x_range, "end", T0 + 22 * MINUTE),
+        ),
+    )
+    on_server(market, lambda: market.export("csv"))
+    wait_for("the CSV", lambda: market.download.data["name"] == ["BTC-USDT-1m.csv"])
+    lines = market.download.data["text"][0].splitlines()
+    assert lines[0] == "ts,open,high,low,close,volume,marker,marker_price" and len(lines) == 5  # 18..21
+    assert lines[3] == "2024-03-10T00:20:00+00:00,100,101.5,99.5,100.5,2,buy,100.6"
+    assert lines[1].endswith(",2,,")  # no marker on that candle
+    on_server(market, lambda: market.export("json"))
+    wait_for("the JSON", lambda: market.download.data["name"] == ["BTC-USDT-1m.json"])
+    body = json.loads(market.download.data["text"][0])
+    assert [c["ts"] for c in body["candles"]][0] == "2024-03-10T00:18:00+00:00" and len(body["candles"]) == 4
+    assert body["candles"][0]["high"] == "101.5" and body["markers"]["of"] == "fills of bot b1"
+    assert body["markers"]["rows"] == [{"ts": "2024-03-10T00:20:00+00:00", "side": "buy", "price": "100.6"}]
+
+
+def test_a_picked_date_range_is_history_mode_until_follow_live(
+    dashboard: tuple[Settings, Any, AppContext],
+) -> None:
+    s, server, ctx = dashboard
+    market, _ = open_session(server, ctx)
+    wait_for("the history", lambda: len(market.source.data["ts"]) == 300)
+    start, end = T0 + 100 * MINUTE, T0 + 150 * MINUTE
+    on_server(market, lambda: setattr(market.range, "value", (start, end)))  # as the picker sends it
+    wait_for("the range's candles", lambda: len(market.source.data["ts"]) == 50)  # 100 <= i < 150
+    assert market.source.data["ts"][0] == start and market.source.data["ts"][-1] == end - MINUTE
+    assert not market.following and (market.x_range.start, market.x_range.end) == (start, end)
+    client = redis.Redis.from_url(s.redis_url.get_secret_value())
+    final = b'{"kind":"final","candle":' + encode_candle(candle(301)) + b"}"
+    wait_for("a subscriber", lambda: client.publish("market:BTC-USDT", final) > 0)
+    time.sleep(0.5)
+    assert (market.x_range.start, market.x_range.end) == (start, end)  # live candles do not move it
+    on_server(market, lambda: setattr(market.timeframe, "value", "5m"))  # another stream: the same range
+    wait_for(
+        "the 5m candles", lambda: on_server(market, lambda: market.status.text.startswith("BTC-USDT 5m"))
+    )
+    assert (market.x_range.start, market.x_range.end) == (start, end) and not market.following
+    on_server(market, lambda: setattr(market.timeframe, "value", "1m"))
+    on_server(market, market.go_live)
+    # The stored candles again (the live one was published, not stored), the newest in view.
+    wait_for("live again", lambda: on_server(market, lambda: len(market.source.data["ts"])) == 300)
+    assert market.following and market.range.value is None and market.x_range.end > T0 + 300 * MINUTE
+    on_server(market, lambda: market.pick_range(("not a date", "2024-03-10")))
+    assert "error" in market.status.text and market.following  # refused: nothing changes
 
 
 def _commands(s: Settings, expect: int) -> list[Any]:
