@@ -29,8 +29,6 @@ from bokeh.models import (
     ColumnDataSource,
     CustomJS,
     DatetimeAxis,
-    DatetimeTicker,
-    DatetimeTickFormatter,
     Grid,
     HoverTool,
     Range1d,
@@ -214,8 +212,10 @@ class MarketPage:
     # ---- figures ------------------------------------------------------------------------
     def _build_figures(self) -> None:
         self.x_range = Range1d(start=0, end=1)
-        # One time axis' ticker and formatter for the four figures (each of Bokeh's own is ~16 models).
-        self._ticker, self._formatter = DatetimeTicker(), DatetimeTickFormatter()
+        # One time axis' ticker and formatter (Bokeh's defaults for a datetime axis, ~16 models)
+        # for the four figures.
+        axis = DatetimeAxis()
+        self._ticker, self._formatter = axis.ticker, axis.formatter
         color = _color()
         self.price = self._figure(title="", name="price", height=380, scroll="xwheel_zoom")
         bodies = []
