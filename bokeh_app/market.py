@@ -18,7 +18,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import numpy as np
@@ -34,7 +34,7 @@ from bokeh.models import (
     Range1d,
     VBar,
 )
-from bokeh.models.widgets import Button, CheckboxGroup, DatetimeRangePicker, Div, Select
+from bokeh.models.widgets import Button, CheckboxGroup, DateRangePicker, Div, Select
 from bokeh.plotting import figure
 from bokeh.transform import linear_cmap
 
@@ -183,7 +183,8 @@ class MarketPage:
         self.older = Button(label="Load older", width=100)
         self.csv = Button(label="Export CSV", width=100)
         self.json = Button(label="Export JSON", width=100)
-        self.range = DatetimeRangePicker(title="Date range (UTC)", width=300, name="range")
+        # Days, not times: Bokeh 3.9's DatetimeRangePicker value reaches the server cut to its date.
+        self.range = DateRangePicker(title="Dates (UTC)", width=200, name="range")
         self._picked: tuple[float, float] | None = None  # the range picked (epoch ms), in history mode
         self.status = Div(text="", width=500)
         self._build_figures()
@@ -302,7 +303,8 @@ class MarketPage:
         if self._picked is None:
             self.load()
         else:
-            self.load(start=_as_utc(self._picked[0]), end=_as_utc(self._picked[1]))
+            start, end = (_EPOCH + timedelta(milliseconds=ms) for ms in self._picked)
+            self.load(start=start, end=end)
 
     def show(self, rows: list[tuple[Any, ...]]) -> None:
         """Show rows already read for the current stream (a new session's first chart)."""
@@ -358,14 +360,15 @@ class MarketPage:
             self.status.text += " | history mode: live updates do not move the view"
 
     def pick_range(self, value: Any) -> None:
-        """History mode on the candles of a picked date range (both ends, UTC)."""
+        """History mode on the candles of the picked days (UTC; the last day included)."""
         if not value or value[0] is None or value[1] is None:
             return
         try:
-            start, end = sorted(_as_utc(v) for v in value)
+            first, last = sorted(_day(v) for v in value)
         except (TypeError, ValueError) as exc:
             self._failed(exc)
             return
+        start, end = first, last + timedelta(days=1)
         self._history_mode()
         self._picked = (_ms(start), _ms(end))
         self.load(start=start, end=end)
@@ -546,15 +549,13 @@ class MarketPage:
         self._stop_listening()
 
 
-def _as_utc(value: Any) -> datetime:
-    """A picker's end (epoch ms, an ISO text, or a naive datetime: all UTC) as an aware datetime."""
-    if isinstance(value, int | float):
-        return _EPOCH + timedelta(milliseconds=value)
-    found = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if not isinstance(found, datetime):
-        msg = f"not a date and time: {value!r}"
+def _day(value: Any) -> datetime:
+    """A picked day (an ISO date text or a date) as its first instant, UTC."""
+    found = date.fromisoformat(value) if isinstance(value, str) else value
+    if not isinstance(found, date):
+        msg = f"not a date: {value!r}"
         raise TypeError(msg)
-    return found.replace(tzinfo=UTC) if found.tzinfo is None else found.astimezone(UTC)
+    return datetime(found.year, found.month, found.day, tzinfo=UTC)
 
 
 def _ms(value: Any) -> float:

@@ -247,32 +247,41 @@ def test_buy_and_sell_markers_of_a_bot_or_a_strategy_history_then_live(
     assert body["markers"]["rows"] == [{"ts": "2024-03-10T00:20:00+00:00", "side": "buy", "price": "100.6"}]
 
 
-def test_a_picked_date_range_is_history_mode_until_follow_live(
-    dashboard: tuple[Settings, Any, AppContext],
-) -> None:
+def test_picked_days_are_history_mode_until_follow_live(dashboard: tuple[Settings, Any, AppContext]) -> None:
     s, server, ctx = dashboard
     market, _ = open_session(server, ctx)
-    wait_for("the history", lambda: len(market.source.data["ts"]) == 300)
-    start, end = T0 + 100 * MINUTE, T0 + 150 * MINUTE
-    on_server(market, lambda: setattr(market.range, "value", (start, end)))  # as the picker sends it
-    wait_for("the range's candles", lambda: len(market.source.data["ts"]) == 50)  # 100 <= i < 150
-    assert market.source.data["ts"][0] == start and market.source.data["ts"][-1] == end - MINUTE
+    wait_for("the history", lambda: len(market.source.data["ts"]) == 300)  # 2024-03-10 00:01 .. 05:00
+    writer = PostgresWriter(s.postgres_dsn.get_secret_value(), CANDLES_UPSERT)
+    writer.write([candle_row(candle(24 * 60 + i)) for i in range(10)])  # 2024-03-11 00:00 .. 00:09
+    writer.close()
+
+    def shown() -> int:  # read on the server's loop: the test's thread may catch the source mid-update
+        return int(on_server(market, lambda: len(market.source.data["ts"])))
+
+    # As BokehJS's picker sends it: ISO dates; the last day is included.
+    on_server(market, lambda: setattr(market.range, "value", ("2024-03-11", "2024-03-11")))
+    wait_for("the day's candles", lambda: shown() == 10)
+    start, end = T0 + 24 * 60 * MINUTE, T0 + 48 * 60 * MINUTE
+    assert market.source.data["ts"][0] == start and market.source.data["ts"][-1] == start + 9 * MINUTE
     assert not market.following and (market.x_range.start, market.x_range.end) == (start, end)
     client = redis.Redis.from_url(s.redis_url.get_secret_value())
-    final = b'{"kind":"final","candle":' + encode_candle(candle(301)) + b"}"
+    final = b'{"kind":"final","candle":' + encode_candle(candle(24 * 60 + 10)) + b"}"
     wait_for("a subscriber", lambda: client.publish("market:BTC-USDT", final) > 0)
     time.sleep(0.5)
     assert (market.x_range.start, market.x_range.end) == (start, end)  # live candles do not move it
-    on_server(market, lambda: setattr(market.timeframe, "value", "5m"))  # another stream: the same range
+    on_server(market, lambda: setattr(market.timeframe, "value", "5m"))  # another stream: the same days
     wait_for(
         "the 5m candles", lambda: on_server(market, lambda: market.status.text.startswith("BTC-USDT 5m"))
     )
     assert (market.x_range.start, market.x_range.end) == (start, end) and not market.following
     on_server(market, lambda: setattr(market.timeframe, "value", "1m"))
+    wait_for("the day's candles again", lambda: shown() == 10)
+    on_server(market, lambda: setattr(market.range, "value", ("2024-03-10", "2024-03-11")))  # both days
+    wait_for("both days' candles", lambda: shown() == 310)
+    # "Follow live": the stored candles again (the live one was published, not stored), the newest in view.
     on_server(market, market.go_live)
-    # The stored candles again (the live one was published, not stored), the newest in view.
-    wait_for("live again", lambda: on_server(market, lambda: len(market.source.data["ts"])) == 300)
-    assert market.following and market.range.value is None and market.x_range.end > T0 + 300 * MINUTE
+    wait_for("live again", lambda: shown() == 310 and market.following)
+    assert market.range.value is None and market.x_range.end > start + 9 * MINUTE
     on_server(market, lambda: market.pick_range(("not a date", "2024-03-10")))
     assert "error" in market.status.text and market.following  # refused: nothing changes
 
