@@ -168,7 +168,11 @@ class MarketPage:
         timeframes = list(ctx.settings.timeframes)
         first = instruments[0] if instruments else ""
         self.instrument = Select(
-            title="Instrument", value=first, options=choices(instruments or [""]), width=150
+            title="Instrument",
+            value=first,
+            options=choices(instruments or [""]),
+            width=150,
+            name="instrument",
         )
         self.timeframe = Select(
             title="Timeframe", value=timeframes[0], options=choices(timeframes), width=100, name="timeframe"

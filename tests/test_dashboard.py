@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.cookiejar import CookieJar
 from typing import Any
 
@@ -63,6 +64,13 @@ def dashboard(settings: Settings, database: str) -> Iterator[tuple[Settings, Any
     bots = PostgresWriter(database, BOTS_UPSERT)
     bots.write([status_row(Bot.create(config).status(now=T0))])
     bots.close()
+    with served(s) as (server, ctx):
+        yield s, server, ctx
+
+
+@contextmanager
+def served(s: Settings) -> Iterator[tuple[Any, AppContext]]:
+    """The dashboard's Bokeh server over ``s``, on a free port, running on a thread."""
     with socket.socket() as probe:  # a free port: the origin allow-list names the real one
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -70,7 +78,7 @@ def dashboard(settings: Settings, database: str) -> Iterator[tuple[Settings, Any
     thread = threading.Thread(target=server.io_loop.start, daemon=True)
     thread.start()
     try:
-        yield s, server, ctx
+        yield server, ctx
     finally:
         server.io_loop.add_callback(server.io_loop.stop)
         thread.join(10)

@@ -20,12 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from pydantic import SecretStr
 
 from bokeh_app.context import AppContext
 from dataflows.candle_core import encode_candle
 from tcp.config import Settings
 from tests.env_util import tcp_env
-from tests.test_dashboard import MINUTE, T0, candle, dashboard
+from tests.test_dashboard import MINUTE, T0, candle, dashboard, served
 from tests.test_run import wait_for
 
 pytestmark = pytest.mark.services
@@ -251,3 +252,36 @@ def test_bars_outside_the_view_are_skipped_and_those_in_it_drawn_as_without_cull
         candle_pixels.append(culled[0][0])  # the price chart's
     assert all(n > 0 for n in candle_pixels[:3])  # the candles in view are drawn
     assert candle_pixels[3] == 0  # an hour before the first candle: nothing
+
+
+def test_over_a_demo_run_the_chart_and_a_bots_fills_are_drawn(
+    browser: Any, settings: Settings, database: str, tmp_path: Path
+) -> None:
+    """The app served over what `tcp demo` wrote: the sample's candles and a bot's fills."""
+    s = settings.model_copy(update={"postgres_dsn": SecretStr(database)})
+    env = tcp_env(s, TCP_HOME=str(tmp_path / "home"), TCP_LOG_LEVEL="WARNING")
+    done = subprocess.run([sys.executable, "-m", "tcp.cli", "demo", "--no-serve"], env=env, capture_output=True,
+                          text=True, timeout=240, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with served(s) as (server, _):
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for("the first instrument's candles", lambda: candles_drawn(browser) > 0, timeout=30)
+        js(browser, "Bokeh.documents[0].get_model_by_name('instrument').value = 'BTC-USDT';")
+        # The demo's 2 hours of 1m candles for BTC-USDT, and its bot on BTC-USDT among the choices.
+        wait_for("BTC-USDT's candles", lambda: candles_drawn(browser) == 120, timeout=30)
+        choices = "return Bokeh.documents[0].get_model_by_name('markers').options.map(o => o[0]);"
+        wait_for(
+            "the bot among the marker choices", lambda: "bot:ema-btc" in js(browser, choices), timeout=30
+        )
+        js(browser, "Bokeh.documents[0].get_model_by_name('markers').value = 'bot:ema-btc';")
+        fills = "const d = Bokeh.documents[0]; return ['buys', 'sells'].map(n => d.get_model_by_name(n).data_source.data.ts.length);"  # noqa: E501
+
+        def drawn() -> list[int] | None:
+            counts: list[int] = js(browser, fills)
+            return counts if sum(counts) > 0 else None
+
+        counts = wait_for("the bot's fills drawn", drawn, timeout=30)
+        with psycopg.connect(database) as conn:
+            stored = conn.execute("SELECT count(*) FROM bot_trades WHERE bot = 'ema-btc'").fetchone()
+        assert stored is not None and sum(counts) == stored[0] > 0  # every fill of the 2 hours, as markers
+        shot(browser, "market-demo")
