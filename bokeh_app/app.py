@@ -158,11 +158,9 @@ def make_document(ctx: AppContext, doc: Document) -> None:
     doc.add_root(root)
     doc.title = "TCP Dashboard"
     doc.template = PAGE  # Bokeh's page, with the bars outside the view left unpainted
-    sessions: list[Session] = []
 
     def build() -> None:
         session = Session(ctx, doc, user, initial.instruments)
-        sessions.append(session)
         root.children = [header, session.tabs]
         if initial.rows is not None:
             session.market.show(initial.rows)
@@ -171,9 +169,9 @@ def make_document(ctx: AppContext, doc: Document) -> None:
         ctx.pages[doc] = session
 
     def closed(_context: object) -> None:
-        for session in sessions:  # none when the tab closed before it was built
+        session = ctx.pages.pop(doc, None)  # none when the tab closed before it was built
+        if session is not None:
             session.close()
-        ctx.pages.pop(doc, None)
 
     doc.on_session_destroyed(closed)
     if context is None:

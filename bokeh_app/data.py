@@ -25,6 +25,8 @@ from tcp.timeframes import parse_timeframe
 
 __all__ = [
     "CANDLE_FIELDS",
+    "INDICATORS",
+    "Indicators",
     "BotRow",
     "Run",
     "backtest_run",
@@ -98,30 +100,38 @@ def candle_rows(
     return rows
 
 
-def _series(values: list[float | None]) -> list[float]:
-    return [math.nan if v is None else v for v in values]
+#: The indicator columns of a chart, in :class:`Indicators`'s order.
+INDICATORS = ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower", "rsi", "macd", "macd_signal", "macd_hist")
+
+
+class Indicators:
+    """EMA 12/26, Bollinger 20/2, RSI 14 and MACD 12/26/9 of a stream's closes, with the
+    strategies' own streaming indicators (so a chart shows the numbers a strategy sees), one
+    close at a time: a chart continues them candle by candle when live."""
+
+    def __init__(self) -> None:
+        self.ema12, self.ema26, self.rsi = EMA(12), EMA(26), RSI(14)
+        self.bands, self.macd = BollingerBands(20, k=2.0), MACD(12, 26, 9)
+
+    def update(self, x: float) -> dict[str, float]:
+        """The values after the close ``x``: NaN in warm-up."""
+        band = self.bands.value if self.bands.update(x) else None
+        m = self.macd.value if self.macd.update(x) else None
+        nan = math.nan
+        values = {
+            "ema12": self.ema12.update(x), "ema26": self.ema26.update(x), "rsi": self.rsi.update(x),
+            "bb_mid": band.middle if band else nan, "bb_upper": band.upper if band else nan,
+            "bb_lower": band.lower if band else nan, "macd": m.line if m else nan,
+            "macd_signal": m.signal if m else nan, "macd_hist": m.hist if m else nan,
+        }  # fmt: skip
+        return {k: nan if v is None else v for k, v in values.items()}
 
 
 def indicator_columns(closes: list[float]) -> dict[str, list[float]]:
-    """EMA 12/26, Bollinger 20/2, RSI 14 and MACD 12/26/9 of the closes, with the strategies'
-    own streaming indicators (so a chart shows the numbers a strategy sees); NaN in warm-up."""
-    ema_fast, ema_slow, rsi = EMA(12), EMA(26), RSI(14)
-    bands, macd = BollingerBands(20, k=2.0), MACD(12, 26, 9)
-    out: dict[str, list[float | None]] = {k: [] for k in ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower",
-                                                         "rsi", "macd", "macd_signal", "macd_hist")}  # fmt: skip
-    for x in closes:
-        out["ema12"].append(ema_fast.update(x))
-        out["ema26"].append(ema_slow.update(x))
-        out["rsi"].append(rsi.update(x))
-        band = bands.value if bands.update(x) else None
-        out["bb_mid"].append(band.middle if band else None)
-        out["bb_upper"].append(band.upper if band else None)
-        out["bb_lower"].append(band.lower if band else None)
-        m = macd.value if macd.update(x) else None
-        out["macd"].append(m.line if m else None)
-        out["macd_signal"].append(m.signal if m else None)
-        out["macd_hist"].append(m.hist if m else None)
-    return {k: _series(v) for k, v in out.items()}
+    """The :class:`Indicators` of every close, as columns."""
+    indicators = Indicators()
+    values = [indicators.update(x) for x in closes]
+    return {name: [v[name] for v in values] for name in INDICATORS}
 
 
 _HASH = re.compile(r"^[0-9a-f]{16}$")

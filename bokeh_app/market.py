@@ -40,7 +40,6 @@ from bokeh.transform import linear_cmap
 
 from bokeh_app import data
 from bokeh_app.context import AppContext, choices, in_background
-from strategies.indicators import EMA, MACD, RSI, BollingerBands
 
 __all__ = ["MarketPage"]
 
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 #: Candles in view when following live.
 IN_VIEW = 120
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_INDICATORS = ("ema12", "ema26", "bb_mid", "bb_upper", "bb_lower", "rsi", "macd", "macd_signal", "macd_hist")
 _OVERLAYS = ("EMA 12/26", "Bollinger 20/2")
 _NO_MARKERS: list[str | tuple[Any, str]] = [("", "none")]
 
@@ -76,27 +74,7 @@ _DOWNLOAD = CustomJS(
 
 
 def _empty() -> dict[str, list[Any]]:
-    return {k: [] for k in (*data.CANDLE_FIELDS, "up", *_INDICATORS)}
-
-
-class _Indicators:
-    """The streaming indicators of the shown stream, continued candle by candle when live."""
-
-    def __init__(self) -> None:
-        self.ema12, self.ema26, self.rsi = EMA(12), EMA(26), RSI(14)
-        self.bands, self.macd = BollingerBands(20, k=2.0), MACD(12, 26, 9)
-
-    def update(self, x: float) -> dict[str, float]:
-        band = self.bands.value if self.bands.update(x) else None
-        m = self.macd.value if self.macd.update(x) else None
-        nan = math.nan
-        values = {
-            "ema12": self.ema12.update(x), "ema26": self.ema26.update(x), "rsi": self.rsi.update(x),
-            "bb_mid": band.middle if band else nan, "bb_upper": band.upper if band else nan,
-            "bb_lower": band.lower if band else nan, "macd": m.line if m else nan,
-            "macd_signal": m.signal if m else nan, "macd_hist": m.hist if m else nan,
-        }  # fmt: skip
-        return {k: nan if v is None else v for k, v in values.items()}
+    return {k: [] for k in (*data.CANDLE_FIELDS, "up", *data.INDICATORS)}
 
 
 def candle_row(values: tuple[Any, ...]) -> dict[str, Any]:
@@ -110,7 +88,7 @@ def candle_row(values: tuple[Any, ...]) -> dict[str, Any]:
 class _Columns:
     rows: list[tuple[Any, ...]]
     arrays: dict[str, Any]
-    indicators: _Indicators
+    indicators: data.Indicators
 
 
 #: Streams whose columns a server keeps (bokeh_app.context.AppContext.history), most recent last.
@@ -119,7 +97,7 @@ HISTORIES_KEPT = 8
 
 def chart_columns(
     history: dict[tuple[str, str], Any], stream: tuple[str, str], rows: list[tuple[Any, ...]]
-) -> tuple[dict[str, Any], _Indicators]:
+) -> tuple[dict[str, Any], data.Indicators]:
     """A stream's rows as the chart's columns, and its indicators after the last row (each session
     continues its own copy with live candles).
 
@@ -137,9 +115,9 @@ def chart_columns(
         for k, name in enumerate(("open", "high", "low", "close", "volume")):
             arrays[name] = ohlcv[:, k].astype(np.float32)
         arrays["up"] = (ohlcv[:, 3] >= ohlcv[:, 0]).astype(np.float32)
-        indicators = _Indicators()
+        indicators = data.Indicators()
         values = [indicators.update(close) for close in ohlcv[:, 3].tolist()]
-        for name in _INDICATORS:
+        for name in data.INDICATORS:
             arrays[name] = np.fromiter((v[name] for v in values), dtype=np.float32, count=n)
         for array in arrays.values():
             array.flags.writeable = False
@@ -158,7 +136,7 @@ class MarketPage:
         self.ctx, self.doc = ctx, doc
         self.history = ctx.settings.dashboard_candles  # loaded per stream, and kept at most
         self.following = True
-        self.indicators = _Indicators()
+        self.indicators = data.Indicators()
         self.source = ColumnDataSource(_empty())
         self.forming = ColumnDataSource(_empty())
         self.buys = ColumnDataSource({"ts": [], "price": []})
@@ -189,7 +167,7 @@ class MarketPage:
         self.json = Button(label="Export JSON", width=100)
         # Days, not times: Bokeh 3.9's DatetimeRangePicker value reaches the server cut to its date.
         self.range = DateRangePicker(title="Dates (UTC)", width=200, name="range")
-        self._picked: tuple[float, float] | None = None  # the range picked (epoch ms), in history mode
+        self._picked: tuple[datetime, datetime] | None = None  # the days picked (start, end), in history mode
         self.status = Div(text="", width=500)
         self._build_figures()
         self.layout = column(
@@ -303,12 +281,9 @@ class MarketPage:
                       lambda rows: self._loaded((inst_id, timeframe), rows), self._failed)  # fmt: skip
 
     def _reload(self) -> None:
-        """Another stream: the same range picked, if one is; else its newest candles."""
-        if self._picked is None:
-            self.load()
-        else:
-            start, end = (_EPOCH + timedelta(milliseconds=ms) for ms in self._picked)
-            self.load(start=start, end=end)
+        """Another stream: the same days picked, if any; else its newest candles."""
+        start, end = self._picked or (None, None)
+        self.load(start=start, end=end)
 
     def show(self, rows: list[tuple[Any, ...]]) -> None:
         """Show rows already read for the current stream (a new session's first chart)."""
@@ -330,7 +305,7 @@ class MarketPage:
         if self.following:
             self._view_newest()
         elif self._picked is not None:
-            self.x_range.start, self.x_range.end = self._picked
+            self.x_range.start, self.x_range.end = (_ms(t) for t in self._picked)
             if len(rows) == self.history:
                 self.status.text += f" (the last {self.history:,} of the range picked)"
         if self._choices_for != stream:
@@ -374,7 +349,7 @@ class MarketPage:
             return
         start, end = first, last + timedelta(days=1)
         self._history_mode()
-        self._picked = (_ms(start), _ms(end))
+        self._picked = (start, end)
         self.load(start=start, end=end)
 
     def go_live(self) -> None:
@@ -499,7 +474,7 @@ class MarketPage:
         elif kind == "live":
             if not len(self.forming.data["ts"]):
                 self.forming.data = {
-                    **{k: [math.nan] for k in _INDICATORS},
+                    **{k: [math.nan] for k in data.INDICATORS},
                     **{k: [v] for k, v in new.items()},
                 }
             else:
